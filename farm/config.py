@@ -1,0 +1,141 @@
+"""One typed settings object, read from ``FARM_*`` environment variables.
+
+Precedence: environment > ``./.env`` > ``$FARM_DATA_DIR/farm.env`` (written by ``farm up``)
+> defaults. Secrets are ``SecretStr`` and URLs with passwords are masked in ``repr``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from farm.errors import ConfigError
+
+ENV_PREFIX = "FARM_"
+ENV_FILE_NAME = "farm.env"
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
+
+
+def default_data_dir() -> Path:
+    """Where the local stack, the tiny model and local artifacts live unless told otherwise."""
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "farm"
+
+
+def mask_url(url: str) -> str:
+    """``redis://:s3cret@host`` -> ``redis://:***@host``."""
+    return _URL_PASSWORD.sub(r"\1***@", url)
+
+
+class Settings(BaseSettings):
+    """Connection settings and knobs for every part of the farm."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    broker_url: SecretStr = Field(description="Celery broker, e.g. redis://:pw@host:6379/0")
+    redis_url: SecretStr = Field(description="Redis for progress, heartbeats, leases")
+    database_url: SecretStr = Field(description="SQLAlchemy URL of the Postgres database")
+    storage: Literal["s3", "fs"] = "s3"
+    s3_endpoint: str | None = None
+    s3_bucket: str = "farm"
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_region: str = "us-east-1"
+    fs_root: Path | None = None
+    data_dir: Path = Field(default_factory=default_data_dir)
+    model: Path | None = None
+    visibility_timeout: int = Field(3600, ge=10, description="broker redelivery, seconds")
+    lease_ttl: int = Field(30, ge=2, description="a stage is presumed dead after this, seconds")
+    max_deliveries: int = Field(3, ge=1, description="crashes of one stage before it fails")
+    reconcile_interval: int = Field(15, ge=1, description="seconds between reconciler passes")
+    flower_user: str = "farm"
+    flower_password: SecretStr | None = None
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
+        return f"Settings({fields})"
+
+    __str__ = __repr__
+
+    def public_dict(self) -> dict[str, str | int | None]:
+        """Every setting as a string, secrets masked: safe to log or print."""
+        out: dict[str, str | int | None] = {}
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, SecretStr):
+                value = mask_url(value.get_secret_value()) if "url" in name else "***"
+            elif isinstance(value, Path):
+                value = str(value)
+            out[name] = value
+        return out
+
+    def env_lines(self) -> list[str]:
+        """``FARM_X=value`` lines with real secrets, for ``farm.env`` files."""
+        lines = []
+        for name, field in type(self).model_fields.items():
+            value = getattr(self, name)
+            if value is None or value == field.default:
+                continue
+            if isinstance(value, SecretStr):
+                value = value.get_secret_value()
+            lines.append(f"{ENV_PREFIX}{name.upper()}={value}")
+        return lines
+
+    def check_storage(self) -> None:
+        """Fail fast when the chosen artifact store lacks what it needs."""
+        if self.storage == "s3":
+            for name in ("s3_endpoint", "s3_access_key", "s3_secret_key"):
+                if getattr(self, name) is None:
+                    raise ConfigError(_missing_message(name))
+        elif self.fs_root is None:
+            raise ConfigError(_missing_message("fs_root"))
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> Settings:
+        """Read the environment and env files; a missing value raises ConfigError naming it."""
+        try:
+            settings = cls(_env_file=env_files(), **overrides)
+        except ValidationError as exc:
+            raise ConfigError(_validation_message(exc)) from None
+        settings.check_storage()
+        return settings
+
+
+def data_dir_from_env() -> Path:
+    """The data dir, before the full settings can be read (it locates ``farm.env``)."""
+    value = os.environ.get(f"{ENV_PREFIX}DATA_DIR")
+    return Path(value).expanduser() if value else default_data_dir()
+
+
+def env_files() -> tuple[Path, ...]:
+    """Env files in increasing precedence (pydantic-settings lets later files win)."""
+    return (data_dir_from_env() / ENV_FILE_NAME, Path(".env"))
+
+
+def is_configured() -> bool:
+    """True when a farm is configured (env or ``farm.env``), False to use the local stack."""
+    if os.environ.get(f"{ENV_PREFIX}BROKER_URL"):
+        return True
+    return any(path.is_file() for path in env_files())
+
+
+def _missing_message(name: str) -> str:
+    var = f"{ENV_PREFIX}{name.upper()}"
+    return f"{var} is not set. Set it in the environment or a .env file, or run `farm up`."
+
+
+def _validation_message(exc: ValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        name = str(err["loc"][0]) if err["loc"] else "?"
+        if err["type"] == "missing":
+            problems.append(_missing_message(name))
+        else:
+            problems.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}")
+    return " ".join(problems)

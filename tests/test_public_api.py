@@ -1,0 +1,28 @@
+"""The public surface: farm.__all__ and the error tree's stable codes."""
+
+from __future__ import annotations
+
+import farm
+from farm import errors
+
+
+def test_all_names_exist_and_are_exported() -> None:
+    for name in farm.__all__:
+        assert hasattr(farm, name), name
+    assert {"Farm", "Job", "FarmError", "Settings"} <= set(farm.__all__)
+
+
+def test_every_error_has_a_stable_unique_code() -> None:
+    classes = [
+        c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, errors.FarmError)
+    ]
+    codes = [c.code for c in classes]
+    assert len(codes) == len(set(codes))
+    assert all(code.isupper() for code in codes)
+
+
+def test_transient_errors_are_retryable_and_input_errors_are_not() -> None:
+    assert errors.StorageError("x").retryable
+    assert errors.DatabaseError("x").retryable
+    assert not errors.InvalidImage("x").retryable
+    assert str(errors.InvalidImage("bad", code="INPUT_CORRUPT")) == "INPUT_CORRUPT: bad"
