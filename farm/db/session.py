@@ -1,0 +1,62 @@
+"""Engines and sessions; database errors become ``DatabaseError`` here, at the boundary."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.orm import Session, sessionmaker
+
+from farm.errors import DatabaseError
+
+# Errors that mean "the database is unreachable or restarting": worth a retry.
+_TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+
+_engines: dict[str, Engine] = {}
+_factories: dict[str, sessionmaker[Session]] = {}
+_lock = threading.Lock()
+
+
+def get_engine(url: str) -> Engine:
+    """One pooled engine per URL per process; pre-ping survives a Postgres restart."""
+    with _lock:
+        if url not in _engines:
+            _engines[url] = create_engine(
+                url,
+                pool_pre_ping=True,
+                pool_size=5,
+                max_overflow=5,
+                pool_recycle=1800,
+                connect_args={"connect_timeout": 5},
+            )
+            _factories[url] = sessionmaker(_engines[url], expire_on_commit=False)
+        return _engines[url]
+
+
+@contextmanager
+def session_scope(url: str) -> Iterator[Session]:
+    """A transaction: committed on success, rolled back on error."""
+    get_engine(url)
+    session = _factories[url]()
+    try:
+        yield session
+        session.commit()
+    except _TRANSIENT as exc:
+        session.rollback()
+        reason = type(getattr(exc, "orig", None) or exc).__name__
+        raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
+    except BaseException:
+        session.rollback()
+        raise
+    finally:
+        session.close()
+
+
+def dispose_engines() -> None:
+    """Drop every pooled connection (after a fork, so children never share sockets)."""
+    with _lock:
+        for engine in _engines.values():
+            engine.dispose(close=False)

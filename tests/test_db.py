@@ -1,0 +1,96 @@
+"""Migrations and job records on the real Postgres of the local stack."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from farm.db import records
+from farm.db.migrate import downgrade_base, upgrade_head
+from farm.db.models import Base, StageRun
+from farm.db.session import get_engine, session_scope
+from farm.local import StackInfo
+
+
+@pytest.fixture
+def fresh_db(stack: StackInfo) -> str:
+    """An empty database of its own, so migrations run on a blank slate."""
+    name = f"t_{uuid.uuid4().hex[:10]}"
+    admin = get_engine(stack.database_url).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    return stack.database_url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def table_names(url: str) -> set[str]:
+    return set(sa.inspect(get_engine(url)).get_table_names())
+
+
+def test_upgrade_head_then_downgrade_base(fresh_db: str) -> None:
+    upgrade_head(fresh_db)
+    assert {"jobs", "stage_runs", "batches", "alembic_version"} <= table_names(fresh_db)
+    downgrade_base(fresh_db)
+    get_engine(fresh_db).dispose()
+    assert table_names(fresh_db) == {"alembic_version"}
+
+
+def test_models_match_migrations(fresh_db: str) -> None:
+    upgrade_head(fresh_db)
+    with get_engine(fresh_db).connect() as conn:
+        diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
+    assert diff == [], f"models and migrations differ; run alembic revision --autogenerate: {diff}"
+
+
+def test_constraint_names_follow_the_convention(stack: StackInfo) -> None:
+    inspector = sa.inspect(get_engine(stack.database_url))
+    uniques = {c["name"] for c in inspector.get_unique_constraints("stage_runs")}
+    assert "uq_stage_runs_job_id_stage" in uniques
+
+
+def test_a_stage_cannot_be_recorded_twice(stack: StackInfo) -> None:
+    with session_scope(stack.database_url) as s:
+        job = records.create_job(s, records.NewJob(pipeline="img2img", params={}))
+        job_id = job.id
+    with pytest.raises(sa.exc.IntegrityError), session_scope(stack.database_url) as s:
+        s.add(StageRun(job_id=job_id, stage="encode", position=9, queue="gpu"))
+
+
+def test_job_has_one_record_per_stage_from_the_start(stack: StackInfo) -> None:
+    with session_scope(stack.database_url) as s:
+        job = records.create_job(s, records.NewJob(pipeline="img2img", params={}))
+        s.flush()
+        stages = [run.stage for run in job.stage_runs]
+    assert stages == ["preprocess", "encode", "noise", "denoise", "decode", "postprocess"]
+
+
+def test_attempt_fences_out_a_replaced_delivery(stack: StackInfo) -> None:
+    url = stack.database_url
+    with session_scope(url) as s:
+        job_id = records.create_job(s, records.NewJob(pipeline="txt2img", params={})).id
+    with session_scope(url) as s:
+        first = records.begin_stage(s, job_id, "noise", "w1", max_lost=3)
+    with session_scope(url) as s:  # w1 died; a redelivery takes the stage over
+        second = records.begin_stage(s, job_id, "noise", "w2", max_lost=3)
+    assert (first.attempt, second.attempt) == (1, 2)
+    checkpoint = records.Checkpoint("k", 1, "0" * 64, 0.1)
+    with session_scope(url) as s:
+        assert records.complete_stage(s, job_id, "noise", 1, checkpoint) is None
+    with session_scope(url) as s:
+        assert records.complete_stage(s, job_id, "noise", 2, checkpoint) == ["denoise"]
+        run = records.stage_run(s, job_id, "noise")
+        assert (run.status, run.attempts, run.lost_runs, run.worker) == ("done", 2, 1, "w2")
+
+
+def test_poison_guard_fails_after_max_lost_deliveries(stack: StackInfo) -> None:
+    url = stack.database_url
+    with session_scope(url) as s:
+        job_id = records.create_job(s, records.NewJob(pipeline="txt2img", params={})).id
+    actions = []
+    for _ in range(4):
+        with session_scope(url) as s:
+            actions.append(records.begin_stage(s, job_id, "noise", "w", max_lost=2).action)
+    assert actions == ["run", "run", "crashed", "crashed"]
