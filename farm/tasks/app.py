@@ -1,0 +1,82 @@
+"""The Celery app: JSON only, late acks, one message in flight per worker process.
+
+Stage state lives in Postgres, so Celery keeps no results. The broker settings come from
+``Settings``; each worker role adds its own (``worker_configs/``).
+"""
+
+from __future__ import annotations
+
+import os
+from importlib import import_module
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from farm.config import Settings, is_configured
+from farm.pipelines import QUEUES
+
+TASK_FOR_QUEUE = {"cpu": "farm.cpu.run_stage", "gpu": "farm.gpu.run_stage"}
+# Redis lists one queue per priority step; kombu pops step 0 first.
+PRIORITY_STEPS = list(range(10))
+
+
+def make_queue(name: str) -> Queue:
+    """A queue with its own direct exchange, so a message for one queue never lands in another."""
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+app = Celery("farm", include=["farm.tasks.stage_tasks", "farm.tasks.worker"])
+
+
+def celery_config(settings: Settings) -> dict:
+    """Everything the farm needs from Celery, for clients and workers alike."""
+    vt = settings.visibility_timeout
+    transport = {
+        "visibility_timeout": vt,
+        "queue_order_strategy": "priority",
+        "priority_steps": PRIORITY_STEPS,
+    }
+    return {
+        "broker_url": settings.broker_url.get_secret_value(),
+        "broker_transport_options": transport,
+        "broker_connection_retry_on_startup": True,
+        "visibility_timeout": vt,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_queues": [make_queue(name) for name in QUEUES],
+        "task_default_queue": "cpu",
+        "task_default_exchange": "cpu",
+        "task_default_routing_key": "cpu",
+        "task_routes": {"farm.cpu.*": {"queue": "cpu"}, "farm.gpu.*": {"queue": "gpu"}},
+        "task_send_sent_event": True,
+        "worker_send_task_events": True,
+        "worker_hijack_root_logger": False,
+        "broker_pool_limit": 10,
+    }
+
+
+def configure(settings: Settings, role: str | None = None) -> Celery:
+    """Point the app at this farm; a worker role's module (worker_configs/ROLE.py) adds to it."""
+    conf = celery_config(settings)
+    if role:
+        conf.update(import_module(f"worker_configs.{role}").CELERY)
+    app.conf.update(conf)
+    return app
+
+
+def celery_priority(priority: int) -> int:
+    """Farm priority 0..9 (higher runs first) -> kombu's Redis priority (0 runs first)."""
+    return 9 - max(0, min(9, priority))
+
+
+# `celery -A farm.tasks worker` imports this module: configure from the environment then.
+if is_configured():
+    configure(Settings.from_env(), os.environ.get("FARM_WORKER_ROLE") or None)

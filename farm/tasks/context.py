@@ -1,0 +1,47 @@
+"""What a stage needs from its process: settings, artifact store, Redis metadata, database URL.
+
+Built once per worker process (after fork) and reused by every task it runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from farm.config import Settings
+from farm.storage import ArtifactStore, make_store
+from farm.storage.metadata import Metadata
+
+
+@dataclass
+class Context:
+    settings: Settings
+
+    @cached_property
+    def store(self) -> ArtifactStore:
+        return make_store(self.settings)
+
+    @cached_property
+    def meta(self) -> Metadata:
+        return Metadata(self.settings.redis_url.get_secret_value())
+
+    @property
+    def db_url(self) -> str:
+        return self.settings.database_url.get_secret_value()
+
+
+_current: Context | None = None
+
+
+def current() -> Context:
+    """This process's context, read from the environment the first time."""
+    global _current
+    if _current is None:
+        _current = Context(Settings.from_env())
+    return _current
+
+
+def reset() -> None:
+    """Forget the context (a forked child must not reuse its parent's sockets)."""
+    global _current
+    _current = None

@@ -1,0 +1,39 @@
+"""Fault injection for the test suite: off unless the worker runs with FARM_FAULT_INJECTION=1.
+
+A test arms a fault in Redis for one (job, stage, point); the worker consumes it once:
+``fail`` raises StageFailed, ``kill`` SIGKILLs the worker process, ``sleep:N`` stalls.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+from farm.errors import StageFailed
+from farm.storage.keys import REDIS_PREFIX
+from farm.storage.metadata import Metadata
+
+ENABLED = os.environ.get("FARM_FAULT_INJECTION") == "1"
+POINTS = ("start", "step", "upload", "commit")
+
+
+def fault_key(job_id: str, stage: str, point: str) -> str:
+    return f"{REDIS_PREFIX}fault:{job_id}:{stage}:{point}"
+
+
+def arm(meta: Metadata, job_id: str, stage: str, point: str, action: str) -> None:
+    """Called by tests: the next time the worker reaches ``point`` it performs ``action``."""
+    meta.redis.set(fault_key(job_id, stage, point), action, ex=600)
+
+
+def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
+    if not ENABLED:
+        return
+    action = meta.redis.getdel(fault_key(job_id, stage, point))
+    if action == "fail":
+        raise StageFailed(f"injected failure at {stage}/{point}")
+    if action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if action and action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))

@@ -1,0 +1,218 @@
+"""The thin wrapper around a stage: load inputs -> run the stage -> store the checkpoint -> record.
+
+Order matters for exactly-once effect on an at-least-once broker: the checkpoint object is
+written first (deterministic key, so a rerun overwrites it), then the record commits, fenced by
+the attempt number; only then are the next stages enqueued.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+
+from farm import stages as stage_ops
+from farm.db import records
+from farm.db.session import session_scope
+from farm.errors import FarmError, JobCancelled, LeaseLost, StageCrashed
+from farm.params import RenderParams
+from farm.pipelines import Pipeline, StageSpec, get_pipeline
+from farm.storage import keys
+from farm.storage.codecs import decode_tensors, encode_tensors, sha256_hex
+from farm.tasks import faults
+from farm.tasks.context import Context
+from farm.tasks.dispatch import send_stages
+
+log = logging.getLogger(__name__)
+
+
+class LeaseKeeper(threading.Thread):
+    """Renews the stage's Redis lease and Postgres heartbeat while the stage runs."""
+
+    def __init__(self, ctx: Context, job_id: str, stage: str, token: str, attempt: int):
+        super().__init__(daemon=True, name=f"lease-{job_id[:8]}-{stage}")
+        self.ctx, self.job_id, self.stage = ctx, job_id, stage
+        self.token, self.attempt = token, attempt
+        self.lost = False
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        ttl = self.ctx.settings.lease_ttl
+        while not self._stop_event.wait(ttl / 3):
+            try:
+                self._renew(ttl)
+            except FarmError as exc:
+                log.warning("lease renewal for %s/%s failed: %s", self.job_id, self.stage, exc)
+
+    def _renew(self, ttl: float) -> None:
+        held = self.ctx.meta.renew_lease(self.job_id, self.stage, self.token, ttl)
+        with session_scope(self.ctx.db_url) as s:
+            ours = records.heartbeat(s, self.job_id, self.stage, self.attempt)
+        if not (held and ours):
+            self.lost = True
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+class StageRun:
+    """One delivery of one (job, stage)."""
+
+    def __init__(self, ctx: Context, job_id: str, stage: str, worker: str) -> None:
+        self.ctx, self.job_id, self.stage, self.worker = ctx, job_id, stage, worker
+        self.token = uuid.uuid4().hex
+        self.attempt: int | None = None
+        self.keeper: LeaseKeeper | None = None
+
+    def execute(self) -> str:
+        """Run the stage unless it is done, taken, or its job is over. Returns what happened."""
+        meta = self.ctx.meta
+        if not meta.acquire_lease(self.job_id, self.stage, self.token, self.ctx.settings.lease_ttl):
+            return "duplicate"  # another delivery is running this stage right now
+        try:
+            return self._execute_with_lease()
+        finally:
+            if self.keeper:
+                self.keeper.stop()
+            meta.release_lease(self.job_id, self.stage, self.token)
+
+    def _execute_with_lease(self) -> str:
+        begin = self._begin()
+        if begin.action == "skip":
+            self._resend_lost(begin.job)
+            return "skip"
+        pipeline = get_pipeline(begin.job.pipeline)
+        params = RenderParams.from_dict(begin.job.params)
+        try:
+            faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
+            self._check_cancel()
+            started = time.perf_counter()
+            output = self._run_op(pipeline, params, begin.job.input_key)
+            self._commit(pipeline, begin.job.priority, output, time.perf_counter() - started)
+            return "done"
+        except JobCancelled:
+            self._record_cancel()
+            return "cancelled"
+        except LeaseLost:
+            log.warning("%s/%s: lease lost, dropping this delivery", self.job_id, self.stage)
+            return "lease-lost"
+        except FarmError as exc:
+            if exc.retryable:  # a service is down: back to queued, Celery retries with backoff
+                self._requeue(str(exc))
+                raise
+            self._fail(exc.code, exc.message)
+            return "failed"
+        except Exception as exc:
+            log.exception("%s/%s crashed", self.job_id, self.stage)
+            self._fail("STAGE_FAILED", f"{self.stage} failed: {type(exc).__name__}: {exc}")
+            return "failed"
+
+    # 1. take the stage in Postgres (attempt + 1), start heartbeating
+    def _begin(self) -> records.Begin:
+        with session_scope(self.ctx.db_url) as s:
+            max_lost = self.ctx.settings.max_deliveries
+            begin = records.begin_stage(s, self.job_id, self.stage, self.worker, max_lost)
+        if begin.action == "crashed":
+            crash = StageCrashed(
+                f"{self.stage} killed its worker {begin.attempt} times; giving up. "
+                "Check the worker logs (out of memory?), then `farm resume`."
+            )
+            self._fail(crash.code, crash.message)
+            return records.Begin("skip", job=begin.job)
+        if begin.action == "run":
+            self.attempt = begin.attempt
+            self.keeper = LeaseKeeper(self.ctx, self.job_id, self.stage, self.token, begin.attempt)
+            self.keeper.start()
+            self.ctx.meta.set_state(self.job_id, status="running", stage=self.stage, step=0)
+        return begin
+
+    def _resend_lost(self, job) -> None:
+        """A redelivered, finished stage: make sure its successors' messages went out (the
+        first delivery may have died between commit and send). Duplicates are no-ops."""
+        if job.status in ("queued", "running"):
+            with session_scope(self.ctx.db_url) as s:
+                lost = records.queued_and_ready(records.get_job(s, self.job_id))
+            send_stages(self.job_id, job.pipeline, lost, job.priority)
+
+    # 2. load inputs, run the plain stage function
+    def _run_op(self, pipeline: Pipeline, params: RenderParams, input_key: str | None):
+        spec = pipeline.stage(self.stage)
+        op = stage_ops.STAGES[spec.op]
+        inputs = self._load_inputs(spec, input_key)
+        model = self._model() if op.needs_model else None
+        return op.run(inputs, params, model, Hooks(self))
+
+    def _load_inputs(self, spec: StageSpec, input_key: str | None):
+        store = self.ctx.store
+        if not spec.after:
+            return store.get(input_key) if input_key else None
+        merged: dict = {}
+        for dep in spec.after:
+            merged.update(decode_tensors(store.get(keys.artifact_key(self.job_id, dep))))
+        return merged
+
+    def _model(self):
+        from farm.models import load_model  # torch + diffusers: GPU role only
+
+        return load_model(self.ctx.settings.model, self.ctx.settings.data_dir)
+
+    # 3. write the checkpoint, then commit the record (fenced), then enqueue what is next
+    def _commit(self, pipeline: Pipeline, priority: int, output, duration: float) -> None:
+        op = stage_ops.STAGES[pipeline.stage(self.stage).op]
+        if self.keeper and self.keeper.lost:
+            raise LeaseLost("another delivery took over this stage")
+        if op.output == "png":
+            data, key = output, keys.artifact_key(self.job_id, self.stage, "png")
+        else:
+            data, key = encode_tensors(output), keys.artifact_key(self.job_id, self.stage)
+        faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "upload")
+        self.ctx.store.put(key, data)
+        faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "commit")
+        checkpoint = records.Checkpoint(key, len(data), sha256_hex(data), duration)
+        with session_scope(self.ctx.db_url) as s:
+            nxt = records.complete_stage(s, self.job_id, self.stage, self.attempt, checkpoint)
+        if nxt is None:
+            raise LeaseLost("the record moved on while this delivery ran")
+        if nxt:
+            send_stages(self.job_id, pipeline.name, nxt, priority)
+            self.ctx.meta.set_state(self.job_id, status="running", stage=nxt[0], step=0)
+        else:
+            self.ctx.meta.finish(self.job_id, "done")
+
+    def _check_cancel(self) -> None:
+        if self.ctx.meta.is_cancelled(self.job_id):
+            raise JobCancelled("cancelled by request")
+        if self.keeper and self.keeper.lost:
+            raise LeaseLost("another delivery took over this stage")
+
+    def _record_cancel(self) -> None:
+        with session_scope(self.ctx.db_url) as s:
+            records.cancel_stage(s, self.job_id, self.stage, self.attempt)
+        self.ctx.meta.finish(self.job_id, "cancelled")
+
+    def _requeue(self, reason: str) -> None:
+        try:
+            with session_scope(self.ctx.db_url) as s:
+                records.requeue_stage(s, self.job_id, self.stage, self.attempt, reason)
+        except FarmError:
+            pass  # the database itself is down; the retry will find the record as it was
+
+    def _fail(self, code: str, message: str) -> None:
+        log.warning("%s/%s failed: %s: %s", self.job_id, self.stage, code, message)
+        with session_scope(self.ctx.db_url) as s:
+            records.fail_stage(s, self.job_id, self.stage, self.attempt, code, message)
+        self.ctx.meta.finish(self.job_id, "failed")
+
+
+class Hooks:
+    """What a stage may call back into while it runs: progress, cancel, lease checks."""
+
+    def __init__(self, run: StageRun) -> None:
+        self.run = run
+
+    def on_step(self, step: int, total: int) -> None:
+        run = self.run
+        run.ctx.meta.set_state(run.job_id, stage=run.stage, step=step, steps=total)
+        faults.maybe_inject(run.ctx.meta, run.job_id, run.stage, "step")
+        run._check_cancel()

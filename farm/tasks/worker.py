@@ -1,0 +1,91 @@
+"""Worker lifecycle: warm the model, beat, and reconcile in the background."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+import time
+
+from celery import signals
+
+from farm.db.session import dispose_engines
+from farm.errors import FarmError
+from farm.storage import keys
+from farm.tasks import context
+from farm.tasks.reconcile import reconcile_once_across_farm
+
+log = logging.getLogger(__name__)
+
+
+class Beat(threading.Thread):
+    """Publishes this worker's heartbeat and runs the reconciler now and then."""
+
+    def __init__(self, name: str, queues: list[str]) -> None:
+        super().__init__(daemon=True, name="farm-beat")
+        self.worker_name, self.queues = name, queues
+        self.stop_event = threading.Event()
+
+    def run(self) -> None:
+        ctx = context.current()
+        info = {
+            "queues": self.queues,
+            "pid": os.getpid(),
+            "role": os.environ.get("FARM_WORKER_ROLE", ",".join(self.queues)),
+        }
+        next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
+        while not self.stop_event.is_set():
+            try:
+                ctx.meta.beat(self.worker_name, info)
+                if time.monotonic() >= next_reconcile:
+                    next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
+                    reconcile_once_across_farm(ctx)
+            except FarmError as exc:
+                log.warning("heartbeat/reconcile: %s", exc)
+            self.stop_event.wait(keys.WORKER_BEAT_INTERVAL)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        with contextlib.suppress(FarmError):
+            context.current().meta.forget_worker(self.worker_name)
+
+
+_beat: Beat | None = None
+
+
+@signals.worker_process_init.connect
+def _after_fork(**_: object) -> None:
+    # A prefork child must not share its parent's database or Redis sockets.
+    dispose_engines()
+    context.reset()
+
+
+@signals.worker_ready.connect
+def _start(sender, **_: object) -> None:
+    global _beat
+    queues = sorted(sender.app.amqp.queues.consume_from)
+    _beat = Beat(sender.hostname, queues)
+    _beat.start()
+    if "gpu" in queues:
+        _warm_model()
+
+
+@signals.worker_shutdown.connect
+def _stop(**_: object) -> None:
+    if _beat is not None:
+        _beat.stop()
+
+
+def _warm_model() -> None:
+    """Load the model once, before the first job, so no job pays for it."""
+    from farm.models import load_model
+
+    settings = context.current().settings
+    started = time.perf_counter()
+    try:
+        load_model(settings.model, settings.data_dir)
+    except FarmError as exc:
+        log.error("model not loaded: %s", exc)
+        return
+    log.info("model ready in %.1f s", time.perf_counter() - started)
