@@ -137,3 +137,10 @@ class StageFailed(FarmError):
     """A stage raised an unexpected error."""
 
     code = "STAGE_FAILED"
+
+
+def is_input_error(code: str | None) -> bool:
+    """True for codes that mean the input itself is bad: resuming cannot fix those."""
+    return bool(code) and (
+        code.startswith("INPUT_") or code in {"INVALID_PARAM", "UNKNOWN_PIPELINE"}
+    )

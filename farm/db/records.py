@@ -65,6 +65,13 @@ def create_job(session: Session, new: NewJob) -> Job:
     return job
 
 
+def fail_at_submit(job: Job, code: str, message: str) -> None:
+    """A job whose input was rejected before upload: recorded, failed, never enqueued."""
+    job.status = JobStatus.FAILED
+    job.error_code, job.error_message = code, message
+    job.finished_at = func.now()
+
+
 def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
     query = select(Job).where(Job.id == job_id)
     job = session.scalars(query.with_for_update() if lock else query).one_or_none()

@@ -1,0 +1,203 @@
+"""Submitting a folder as one batch, and following it.
+
+Files are read and uploaded in chunks (a thread pool for the object store, one database
+transaction per chunk) so memory stays flat however large the folder is. Each input's
+idempotency key is its content hash + pipeline + parameters + model: a second run of the same
+folder skips what is done, resumes what failed for a reason other than its input, and
+creates no duplicate job.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from sqlalchemy import func, select
+
+from farm.db import records
+from farm.db.models import Job as JobRow
+from farm.db.models import JobStatus
+from farm.db.session import session_scope
+from farm.errors import InvalidParameter, is_input_error
+from farm.inputs import InputFile, read_input, scan_folder
+from farm.params import RenderParams
+from farm.pipelines import Pipeline, get_pipeline
+from farm.storage import keys
+from farm.tasks.dispatch import send_stages
+
+if TYPE_CHECKING:
+    from farm.api import Farm, JobInfo
+
+CHUNK = 64
+UPLOAD_THREADS = 8
+
+
+@dataclass(frozen=True)
+class BatchCounts:
+    """How many of a batch's jobs are in each state."""
+
+    total: int = 0
+    queued: int = 0
+    running: int = 0
+    done: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.queued + self.running == 0
+
+
+class Batch:
+    """A handle on a submitted folder."""
+
+    def __init__(self, farm: Farm, batch_id: str, skipped: Iterable[str] = ()) -> None:
+        self.farm, self.id = farm, batch_id
+        self.skipped = list(skipped)  # inputs already rendered by an earlier run
+
+    def __repr__(self) -> str:
+        return f"Batch({self.id!r})"
+
+    def jobs(self) -> list[JobInfo]:
+        return self.farm.jobs(batch=self.id, limit=None)
+
+    def failed(self) -> list[JobInfo]:
+        """Failed jobs with their error code and message."""
+        return [job for job in self.jobs() if job.status == JobStatus.FAILED]
+
+    def counts(self) -> BatchCounts:
+        query = (
+            select(JobRow.status, func.count())
+            .where(JobRow.batch_id == self.id)
+            .group_by(JobRow.status)
+        )
+        with session_scope(self.farm.ctx.db_url) as s:
+            by_status = dict(s.execute(query).all())
+        return BatchCounts(total=sum(by_status.values()), **by_status)
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        on_progress: Callable[[BatchCounts], None] | None = None,
+        poll: float = 0.5,
+    ) -> BatchCounts:
+        """Block until every job of the batch has finished; TimeoutError after ``timeout``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self.farm.warn_if_no_workers(self.farm.queues_of(batch=self.id))
+        while True:
+            counts = self.counts()
+            if on_progress is not None:
+                on_progress(counts)
+            if counts.finished:
+                return counts
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"batch {self.id} unfinished after {timeout} s: {counts}")
+            time.sleep(poll)
+
+
+@dataclass
+class FolderSubmission:
+    """Submits one folder's files, chunk by chunk."""
+
+    farm: Farm
+    pipeline: Pipeline
+    params: RenderParams
+    priority: int
+    batch_id: str = ""
+    skipped: list[str] = field(default_factory=list)
+
+    def run(self, folder: str | Path, recursive: bool) -> Batch:
+        base = Path(folder).expanduser().resolve()
+        files = scan_folder(base, recursive)
+        with session_scope(self.farm.ctx.db_url) as s:
+            settings = {**self.params.to_dict(), "pipeline": self.pipeline.name}
+            self.batch_id = records.create_batch(s, str(base), settings).id
+        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
+            for chunk in _chunks(files, CHUNK):
+                read = list(pool.map(lambda f: read_input(f, base), chunk))
+                self._submit_chunk(read, pool)
+        return Batch(self.farm, self.batch_id, self.skipped)
+
+    def _submit_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
+        by_key = {self._key(f): f for f in files}
+        existing = self._existing(list(by_key))
+        new = {key: f for key, f in by_key.items() if key not in existing}
+        ids = {key: records.new_id() for key in new}
+        uploads = [(ids[k], f.data) for k, f in new.items() if f.data is not None]
+        list(pool.map(lambda item: self._upload(*item), uploads))
+        with session_scope(self.farm.ctx.db_url) as s:
+            to_send = [self._record_new(s, ids[k], k, f) for k, f in new.items()]
+            to_send += [self._adopt(s, job_id) for job_id in existing.values()]
+        for job_id, stages in filter(None, to_send):
+            self.farm.ctx.meta.set_state(job_id, status="queued", stage=stages[0], step=0)
+            send_stages(job_id, self.pipeline.name, stages, self.priority)
+
+    def _key(self, file: InputFile) -> str:
+        from farm.api import idempotency_key
+
+        return idempotency_key(
+            file.content_hash, self.pipeline.name, self.params, self.farm.model_id
+        )
+
+    def _existing(self, idem_keys: list[str]) -> dict[str, str]:
+        query = select(JobRow.idempotency_key, JobRow.id).where(
+            JobRow.idempotency_key.in_(idem_keys)
+        )
+        with session_scope(self.farm.ctx.db_url) as s:
+            return dict(s.execute(query).all())
+
+    def _upload(self, job_id: str, data: bytes) -> None:
+        self.farm.ctx.store.put(keys.input_key(job_id), data)
+
+    def _record_new(self, s, job_id: str, key: str, file: InputFile):
+        new = records.NewJob(
+            pipeline=self.pipeline.name,
+            params=self.params.to_dict(),
+            priority=self.priority,
+            batch_id=self.batch_id,
+            input_name=file.name,
+            input_key=keys.input_key(job_id) if file.data is not None else None,
+            idempotency_key=key,
+            job_id=job_id,
+        )
+        job = records.create_job(s, new)
+        if file.error is not None:
+            records.fail_at_submit(job, file.error.code, file.error.message)
+            return None
+        first = [spec.name for spec in self.pipeline.ready(())]
+        records.mark_queued(s, job, first)
+        return job_id, first
+
+    def _adopt(self, s, job_id: str):
+        """An input an earlier run already submitted: join this batch; resume it if it failed
+        for a reason other than its input; otherwise leave it be."""
+        job = records.get_job(s, job_id, lock=True)
+        job.batch_id = self.batch_id
+        if job.status == JobStatus.DONE:
+            self.skipped.append(job.input_name or job.id)
+            return None
+        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) and not is_input_error(
+            job.error_code
+        ):
+            _, ready = records.prepare_resume(s, job_id)
+            return (job_id, ready) if ready else None
+        return None
+
+
+def submit_folder(
+    farm: Farm, folder: str | Path, recursive: bool, pipeline: str, priority: int, params: dict
+) -> Batch:
+    spec = get_pipeline(pipeline)
+    if not spec.needs_input:
+        raise InvalidParameter(f"Pipeline {spec.name!r} takes no input images.")
+    render = RenderParams.from_dict(params)
+    return FolderSubmission(farm, spec, render, priority).run(folder, recursive)
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

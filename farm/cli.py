@@ -1,0 +1,386 @@
+"""The ``farm`` command: a thin layer over farm.api, farm.local and the workers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from farm.api import Farm
+from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env, is_configured
+from farm.errors import FarmError
+
+app = typer.Typer(
+    help="A render farm for AI image generation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+console = Console()
+err = Console(stderr=True)
+
+DataDir = typer.Option(None, "--data-dir", help="Where the local stack keeps its data.")
+
+
+def _data_dir(value: Path | None) -> Path:
+    path = (value or data_dir_from_env()).expanduser().resolve()
+    os.environ["FARM_DATA_DIR"] = str(path)  # so Settings find DIR/farm.env
+    return path
+
+
+@app.command()
+def up(
+    data_dir: Path | None = DataDir,
+    no_workers: bool = typer.Option(False, "--no-workers", help="Servers only."),
+) -> None:
+    """Start a local Redis, Postgres and S3 server and one cpu and one gpu worker
+    (all reused if already running)."""
+    from farm.local import LocalStack
+    from farm.workers import ROLES, background_workers, start_background
+
+    root = _data_dir(data_dir)
+    started = time.perf_counter()
+    info = LocalStack(root).up()
+    console.print(f"[green]farm is up[/] in {time.perf_counter() - started:.1f} s")
+    running = {w["role"] for w in background_workers(root)}
+    wanted = [] if no_workers else [role for role in ROLES if role not in running]
+    for worker in start_background(root, info.env(), wanted) if wanted else []:
+        console.print(f"  worker    {worker.name}  log {worker.log_path}")
+    console.print(f"  redis     {info.redis_url.split('@')[-1]}")
+    console.print(f"  postgres  {info.database_url.split('@')[-1]}")
+    console.print(f"  s3        {info.s3_endpoint}  bucket {info.s3_bucket}")
+    console.print(f"  settings  {info.data_dir / ENV_FILE_NAME}")
+
+
+@app.command()
+def down(data_dir: Path | None = DataDir) -> None:
+    """Stop the local stack started by `farm up`."""
+    from farm.local import LocalStack
+    from farm.workers import stop_background
+
+    root = _data_dir(data_dir)
+    stopped = stop_background(root)
+    LocalStack(root).down()
+    console.print(f"farm is down ({stopped} worker(s) stopped)")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations to FARM_DATABASE_URL."""
+    from alembic import command
+
+    from farm.db.migrate import alembic_config
+
+    settings = Settings.from_env()
+    command.upgrade(alembic_config(settings.database_url.get_secret_value()), revision)
+    console.print(f"database at {revision}")
+
+
+@app.command()
+def worker(
+    role: str = typer.Option(..., "--role", help="cpu or gpu"),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+    name: str | None = typer.Option(None, "--name", help="Celery node name (default ROLE@host)"),
+) -> None:
+    """Run one worker in the foreground (one per GPU: set CUDA_VISIBLE_DEVICES)."""
+    from farm.workers import ROLES, worker_command
+
+    if role not in ROLES:
+        raise FarmError(f"--role must be cpu or gpu, not {role!r}", code="CONFIG_INVALID")
+    Settings.from_env()  # fail fast, naming the missing variable
+    os.environ["FARM_WORKER_ROLE"] = role
+    command = worker_command(name or f"{role}@%h", loglevel)
+    os.execv(command[0], command)
+
+
+@app.command()
+def reconcile() -> None:
+    """Re-enqueue stages whose worker stopped beating (workers also do this on their own)."""
+    from farm.tasks.app import configure
+    from farm.tasks.context import Context
+    from farm.tasks.reconcile import reconcile as run_pass
+
+    ctx = Context(Settings.from_env())
+    configure(ctx.settings)
+    requeued = run_pass(ctx)
+    for job_id, stage in requeued:
+        console.print(f"re-enqueued {job_id} {stage}")
+    console.print(f"{len(requeued)} stage(s) re-enqueued")
+
+
+@app.command()
+def config() -> None:
+    """Print the settings in effect (secrets masked)."""
+    for key, value in Settings.from_env().public_dict().items():
+        console.print(f"FARM_{key.upper()}={value}")
+
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+def _params(**values: object) -> dict:
+    """Only what the user passed: RenderParams fills the rest with its defaults."""
+    return {k: v for k, v in values.items() if v is not None}
+
+
+Prompt = typer.Option(None, "--prompt", "-p", help="What to render.")
+Negative = typer.Option(None, "--negative-prompt", help="What to avoid.")
+Strength = typer.Option(None, "--strength", help="0-1: how far from the input (default 0.75).")
+Steps = typer.Option(None, "--steps", help="Denoising steps (default 30).")
+Guidance = typer.Option(None, "--guidance", help="Classifier-free guidance (default 7.5).")
+Seed = typer.Option(None, "--seed", help="Random seed (default 0).")
+Size = typer.Option(None, "--size", help="512 or WIDTHxHEIGHT (multiples of 8).")
+Scheduler = typer.Option(None, "--scheduler", help="pndm, ddim, euler, euler_a or dpm.")
+Sharpen = typer.Option(None, "--sharpen", help="Unsharp-mask amount, 0-5.")
+Pipeline = typer.Option("img2img", "--pipeline", help="img2img or txt2img.")
+Priority = typer.Option(5, "--priority", help="0-9, higher runs first.")
+
+
+@contextmanager
+def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
+    """The configured farm; with none configured, an embedded one for the duration:
+    the local stack plus one cpu and one gpu worker, all stopped afterwards."""
+    if is_configured() and data_dir is None:
+        yield Farm.from_env()
+        return
+    from farm.local import LocalStack
+    from farm.workers import ROLES, start_worker, wait_ready
+
+    root = _data_dir(data_dir)
+    stack = LocalStack(root)
+    err.print(f"[dim]no farm configured: starting an embedded one in {root}[/]")
+    info = stack.up()
+    env = info.env()
+    os.environ.update(env)
+    farm = Farm(Settings.from_env())
+    workers = [start_worker(role, env, root / "logs") for role in ROLES]
+    try:
+        wait_ready(farm.ctx.meta, workers)
+        yield farm
+    finally:
+        for w in workers:
+            w.stop()
+        stack.down()
+
+
+@app.command()
+def render(
+    input_dir: Path = typer.Argument(..., help="Folder of images."),
+    output: Path = typer.Option(..., "--output", "-o", help="Where to write <input stem>.png."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Include sub-folders."),
+    prompt: str | None = Prompt,
+    negative_prompt: str | None = Negative,
+    strength: float | None = Strength,
+    steps: int | None = Steps,
+    guidance: float | None = Guidance,
+    seed: int | None = Seed,
+    size: str | None = Size,
+    scheduler: str | None = Scheduler,
+    sharpen: float | None = Sharpen,
+    pipeline: str = Pipeline,
+    priority: int = Priority,
+    data_dir: Path | None = DataDir,
+) -> None:
+    """Render every image of a folder; exits 1 if any failed. Re-running skips done inputs."""
+    from farm.render import Follower, summary_table
+
+    params = _params(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        strength=strength,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        size=size,
+        scheduler=scheduler,
+        sharpen=sharpen,
+    )
+    with _farm(data_dir) as farm:
+        batch = farm.submit_folder(
+            input_dir, recursive, pipeline=pipeline, priority=priority, **params
+        )
+        _warn_missing(farm, batch)
+        output.mkdir(parents=True, exist_ok=True)
+        jobs = Follower(farm, batch, output, console).run()
+    console.print(summary_table(jobs, batch.skipped))
+    console.print(f"outputs in {output.resolve()}  (batch {batch.id})")
+    if any(j.status != "done" for j in jobs):
+        raise typer.Exit(1)
+
+
+def _warn_missing(farm: Farm, batch) -> None:
+    missing = farm.missing_queues(farm.queues_of(batch=batch.id))
+    if missing:
+        err.print(
+            f"[yellow]warning[/] no worker consumes {', '.join(sorted(missing))}: "
+            "jobs wait until one starts (farm up, or farm worker --role ...)"
+        )
+
+
+@app.command()
+def submit(
+    image: Path | None = typer.Argument(None, help="Input image (none for txt2img)."),
+    prompt: str | None = Prompt,
+    negative_prompt: str | None = Negative,
+    strength: float | None = Strength,
+    steps: int | None = Steps,
+    guidance: float | None = Guidance,
+    seed: int | None = Seed,
+    size: str | None = Size,
+    scheduler: str | None = Scheduler,
+    sharpen: float | None = Sharpen,
+    pipeline: str = Pipeline,
+    priority: int = Priority,
+) -> None:
+    """Submit one job and print its id."""
+    params = _params(
+        prompt=prompt,
+        negative_prompt=negative_prompt,
+        strength=strength,
+        steps=steps,
+        guidance=guidance,
+        seed=seed,
+        size=size,
+        scheduler=scheduler,
+        sharpen=sharpen,
+    )
+    job = Farm.from_env().submit(image, pipeline=pipeline, priority=priority, **params)
+    console.print(job.id)
+
+
+# -- inspecting and steering --------------------------------------------------------------------
+
+
+@app.command()
+def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's status and its stage table (status, attempts, worker, duration)."""
+    job = Farm.from_env().get(job_id)
+    info, stages = job.info(), job.stages()
+    if as_json:
+        payload = {
+            **_jsonable(asdict(info)),
+            "stages": [asdict(s) for s in stages],
+            "progress": asdict(job.progress()),
+        }
+        console.print_json(json.dumps(payload))
+        return
+    console.print(f"job {info.id}  [bold]{info.status}[/]  pipeline {info.pipeline}")
+    if info.error_code:
+        console.print(f"[red]{info.error_code}[/]: {info.error_message}")
+    table = Table("stage", "queue", "status", "attempts", "worker", "duration", "artifact")
+    for s in stages:
+        duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
+        size = f"{s.artifact_size:,} B" if s.artifact_size else ""
+        table.add_row(s.name, s.queue, s.status, str(s.attempts), s.worker or "", duration, size)
+    console.print(table)
+
+
+@app.command()
+def jobs(
+    status_: str | None = typer.Option(None, "--status", help="queued, running, done, ..."),
+    batch: str | None = typer.Option(None, "--batch", help="Only this batch."),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs, newest first."""
+    found = Farm.from_env().jobs(status=status_, batch=batch, limit=limit)
+    if as_json:
+        console.print_json(json.dumps([_jsonable(asdict(j)) for j in found]))
+        return
+    table = Table("id", "status", "stage", "input", "error", "created")
+    for j in found:
+        table.add_row(
+            j.id,
+            j.status,
+            j.current_stage or "",
+            j.input_name or "",
+            j.error_code or "",
+            f"{j.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+
+
+@app.command()
+def resume(
+    job_id: str | None = typer.Argument(None),
+    failed: bool = typer.Option(False, "--failed", help="Resume every failed job."),
+    batch: str | None = typer.Option(None, "--batch", help="With --failed: only this batch."),
+) -> None:
+    """Resume a job (or --failed ones) from its first stage that is not done."""
+    farm = Farm.from_env()
+    if failed:
+        resumed = farm.resume_failed(batch)
+        console.print(f"resumed {len(resumed)} job(s)")
+    elif job_id:
+        farm.resume(job_id)
+        console.print(f"resumed {job_id}")
+    else:
+        raise FarmError("give a JOB id or --failed", code="CONFIG_INVALID")
+
+
+@app.command()
+def cancel(
+    job_id: str | None = typer.Argument(None),
+    batch: str | None = typer.Option(None, "--batch", help="Cancel every unfinished job."),
+) -> None:
+    """Cancel a job or a batch; a running stage stops at its next step."""
+    farm = Farm.from_env()
+    if not (job_id or batch):
+        raise FarmError("give a JOB id or --batch ID", code="CONFIG_INVALID")
+    count = farm.cancel(job_id, batch=batch) if batch else farm.cancel(job_id)
+    console.print(f"cancelled {count} job(s)")
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(5555, "--port"),
+    address: str = typer.Option(
+        "127.0.0.1", "--address", help="Keep it private: /metrics answers without auth."
+    ),
+) -> None:
+    """Run Flower (Celery monitoring) with basic auth from FARM_FLOWER_USER/PASSWORD."""
+    settings = Settings.from_env()
+    password = settings.flower_password.get_secret_value() if settings.flower_password else None
+    if not password:
+        password = secrets.token_urlsafe(12)
+        err.print(f"FARM_FLOWER_PASSWORD is not set; this run's password: {password}")
+    # Credentials go through the environment, not argv, so `ps` does not show them.
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "farm.tasks",
+        "flower",
+        f"--address={address}",
+        f"--port={port}",
+    ]
+    err.print(f"Flower on http://{address}:{port} (user {settings.flower_user})")
+    os.execv(command[0], command)
+
+
+def _jsonable(data: dict) -> dict:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in data.items()}
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except FarmError as exc:
+        err.print(f"[red]error[/] {exc.code}: {exc.message}")
+        sys.exit(2)

@@ -1,0 +1,92 @@
+"""`farm render`: follow a batch with progress bars, write outputs, print a summary."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path, PurePosixPath
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from farm.api import Farm, JobInfo
+from farm.batch import Batch
+from farm.db.models import JobStatus
+
+POLL_S = 0.5
+SHOWN_RUNNING = 4  # per-job lines under the overall bar
+
+
+def output_names(names: list[str]) -> dict[str, str]:
+    """``sub/cat.jpg`` -> ``sub/cat.png``; when two inputs share a stem, keep the extension
+    (``cat.jpg.png``, ``cat.webp.png``) so neither overwrites the other."""
+    stems = Counter(str(PurePosixPath(n).with_suffix("")) for n in names)
+    out = {}
+    for name in names:
+        stem = str(PurePosixPath(name).with_suffix(""))
+        out[name] = f"{name}.png" if stems[stem] > 1 else f"{stem}.png"
+    return out
+
+
+class Follower:
+    """Polls a batch, draws progress, and saves each output as soon as its job is done."""
+
+    def __init__(self, farm: Farm, batch: Batch, out_dir: Path, console: Console) -> None:
+        self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
+        self.saved: set[str] = set()
+
+    def run(self) -> list[JobInfo]:
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with Progress(*columns, console=self.console, transient=False) as bars:
+            overall = bars.add_task("rendering", total=None)
+            lines = [bars.add_task("", total=None, visible=False) for _ in range(SHOWN_RUNNING)]
+            while True:
+                jobs = self.batch.jobs()
+                self._save_done(jobs)
+                finished = sum(1 for j in jobs if j.finished)
+                bars.update(overall, total=len(jobs), completed=finished)
+                self._show_running(bars, lines, jobs)
+                if finished == len(jobs):
+                    return jobs
+                time.sleep(POLL_S)
+
+    def _save_done(self, jobs: list[JobInfo]) -> None:
+        names = output_names([j.input_name or j.id for j in jobs])
+        for job in jobs:
+            if job.status == JobStatus.DONE and job.id not in self.saved:
+                target = self.out_dir / names[job.input_name or job.id]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(self.farm.ctx.store.get(job.output_key))
+                self.saved.add(job.id)
+
+    def _show_running(self, bars: Progress, lines: list, jobs: list[JobInfo]) -> None:
+        running = [j for j in jobs if j.status == JobStatus.RUNNING][: len(lines)]
+        for line, job in zip(lines, running, strict=False):
+            p = self.farm.get(job.id).progress()
+            text = f"  {job.input_name}: {p.stage or '…'}"
+            total = p.steps if p.stage == "denoise" and p.steps else None
+            bars.update(line, description=text, total=total, completed=p.step, visible=True)
+        for line in lines[len(running) :]:
+            bars.update(line, visible=False)
+
+
+def summary_table(jobs: list[JobInfo], skipped: list[str]) -> Table:
+    """One row per input that did not render, then the totals."""
+    table = Table(title="farm render", show_lines=False)
+    for column in ("input", "status", "code", "message"):
+        table.add_column(column)
+    for job in sorted(jobs, key=lambda j: j.input_name or ""):
+        if job.status != JobStatus.DONE:
+            table.add_row(job.input_name, job.status, job.error_code or "", job.error_message or "")
+    counts = Counter(j.status for j in jobs)
+    totals = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+    table.caption = f"{len(jobs)} inputs: {totals}" + (
+        f" ({len(skipped)} already rendered, skipped)" if skipped else ""
+    )
+    return table
