@@ -1,0 +1,121 @@
+"""A tiny Stable-Diffusion-architecture pipeline with fixed-seed random weights.
+
+The components follow diffusers' own ``StableDiffusionImg2ImgPipelineFastTests`` dummy
+components, so the farm exercises the real SD code paths without downloading anything. Its
+pictures are abstract. Its VAE has two blocks, so it downsamples by 2, not 8: a 128 px image has
+the same 64x64 latent as SD-1.5 at 512 px.
+
+The tokenizer is built from an in-memory byte-level vocabulary: loading diffusers' test tokenizer
+by hub name offline does not fail, it silently returns a 2-token vocabulary.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    PNDMScheduler,
+    StableDiffusionImg2ImgPipeline,
+    UNet2DConditionModel,
+)
+from tokenizers.pre_tokenizers import ByteLevel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+SEED = 0
+TEXT_VOCAB_SIZE = 1000  # embedding rows; the tokenizer uses the first ~550 ids
+# Whole-word tokens, so a demo prompt reads as words rather than letters when tokenized.
+WORDS = ("a", "painting", "photo", "of", "the", "cat", "dog", "city", "forest", "sunset")
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+_BUILD_LOCK = threading.Lock()
+
+
+def build_tiny_pipeline() -> StableDiffusionImg2ImgPipeline:
+    """The tiny img2img pipeline; the same weights on every call, every module in eval mode."""
+    # Layers draw their initial weights from torch's global RNG: fork it so the caller's stream
+    # is untouched, and hold a lock so two threads building at once cannot interleave draws.
+    with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(SEED)
+        unet = _unet()
+        torch.manual_seed(SEED)
+        vae = _vae()
+        torch.manual_seed(SEED)
+        text_encoder = _text_encoder()
+    # Freshly built modules are in train mode; only eval mode round-trips bit-exactly.
+    for module in (unet, vae, text_encoder):
+        module.eval()
+    return StableDiffusionImg2ImgPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=build_tiny_tokenizer(),
+        unet=unet,
+        # steps_offset=1 is what the pipeline would rewrite a 0 to (with a FutureWarning).
+        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+
+
+def _unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64),
+        layers_per_block=2,
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=[32, 64],
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        latent_channels=4,
+    )
+
+
+def _text_encoder() -> CLIPTextModel:
+    config = CLIPTextConfig(
+        bos_token_id=0,
+        eos_token_id=2,
+        hidden_size=32,
+        intermediate_size=37,
+        layer_norm_eps=1e-05,
+        num_attention_heads=4,
+        num_hidden_layers=5,
+        pad_token_id=1,
+        vocab_size=TEXT_VOCAB_SIZE,
+    )
+    return CLIPTextModel(config)
+
+
+def build_tiny_tokenizer() -> CLIPTokenizer:
+    """A byte-level BPE CLIP tokenizer: every byte, every byte ending a word, and a few words."""
+    alphabet = sorted(ByteLevel.alphabet())
+    tokens = [*alphabet, *(char + "</w>" for char in alphabet)]
+    merges: list[tuple[str, str]] = []
+    for word in WORDS:
+        _merge_word(word, tokens, merges)
+    vocab = {token: index for index, token in enumerate([*tokens, BOS, EOS])}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+
+
+def _merge_word(word: str, tokens: list[str], merges: list[tuple[str, str]]) -> None:
+    """Merge ``word`` left to right into one ``word</w>`` token, adding what is missing."""
+    done = word[0] if len(word) > 1 else word[0] + "</w>"
+    for index, char in enumerate(word[1:], start=2):
+        piece = char + "</w>" if index == len(word) else char
+        if (done, piece) not in merges:
+            merges.append((done, piece))
+        done += piece
+        if done not in tokens:
+            tokens.append(done)

@@ -1,0 +1,196 @@
+"""What a user may ask of one render, validated once at the edge.
+
+``RenderParams`` is immutable and always valid: every way of building one runs the same checks,
+so a stage never sees a NaN guidance or a 3-pixel-wide canvas. ``to_dict()`` is JSON-safe (it is
+stored in Postgres) and ``params_digest()`` hashes its canonical JSON for idempotency keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import re
+import unicodedata
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from farm.errors import InvalidParameter
+
+# Names users may pass as ``scheduler``; farm.models.schedulers maps each to a diffusers class.
+SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpm")
+MAX_PROMPT_CHARS = 2000
+SIZE_MIN, SIZE_MAX = 8, 2048
+# Stable Diffusion VAEs downsample by 8 (the tiny demo model by 2): a side that is not a multiple
+# of 8 would make the latent grid and the decoded image disagree on size, so sides snap down.
+SIZE_MULTIPLE = 8
+SEED_MAX = 2**32 - 1
+_ALLOWED_CONTROL = frozenset("\t\n\r")  # \r: text from browser forms ends lines with \r\n
+_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*(?:x\s*(\d+)\s*)?$", re.IGNORECASE)
+
+# name -> (low, high, whether low itself is excluded)
+_FLOATS: dict[str, tuple[float, float, bool]] = {
+    "strength": (0.0, 1.0, True),
+    "guidance": (0.0, 50.0, False),
+    "sharpen": (0.0, 5.0, False),
+    "saturation": (0.0, 5.0, False),
+    "contrast": (0.0, 5.0, False),
+    "brightness": (0.0, 5.0, False),
+}
+_INTS: dict[str, tuple[int, int]] = {
+    "steps": (1, 500),
+    "seed": (0, SEED_MAX),
+    "width": (SIZE_MIN, SIZE_MAX),
+    "height": (SIZE_MIN, SIZE_MAX),
+}
+
+
+@dataclass(frozen=True)
+class RenderParams:
+    """Parameters of one render; see the module docstring for the guarantees."""
+
+    prompt: str = ""
+    negative_prompt: str = ""
+    strength: float = 0.75
+    steps: int = 30
+    guidance: float = 7.5
+    seed: int = 0
+    width: int = 512
+    height: int = 512
+    sharpen: float = 0.0
+    saturation: float = 1.0
+    contrast: float = 1.0
+    brightness: float = 1.0
+    scheduler: str = "pndm"
+
+    def __post_init__(self) -> None:
+        for name in ("prompt", "negative_prompt"):
+            _check_text(name, getattr(self, name))
+        for name, (low, high, low_open) in _FLOATS.items():
+            value = _check_float(name, getattr(self, name), low, high, low_open)
+            object.__setattr__(self, name, value)
+        for name, (low, high) in _INTS.items():
+            _check_int(name, getattr(self, name), low, high)
+        for name in ("width", "height"):
+            object.__setattr__(self, name, getattr(self, name) // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        object.__setattr__(self, "scheduler", _check_scheduler(self.scheduler))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> RenderParams:
+        """Validate user JSON; ``size`` (``512`` or ``"768x512"``) sets width and height."""
+        if not isinstance(data, Mapping):
+            raise InvalidParameter(f"parameters must be a JSON object, got {type(data).__name__}")
+        fields = dict(data)
+        if "size" in fields:
+            fields.update(_expand_size(fields))
+        _check_keys(fields)
+        return cls(**fields)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field, JSON-safe; ``RenderParams.from_dict(p.to_dict()) == p``."""
+        return dataclasses.asdict(self)
+
+    def img2img_steps(self) -> int:
+        """Denoising steps an img2img render runs (diffusers' ``get_timesteps`` arithmetic);
+        InvalidParameter when steps x strength leaves none."""
+        steps = min(int(self.steps * self.strength), self.steps)
+        if steps < 1:
+            raise InvalidParameter(
+                f"steps x strength = {self.steps} x {self.strength:g} leaves no denoising step; "
+                "raise steps or strength"
+            )
+        return steps
+
+    def params_digest(self) -> str:
+        """sha256 of the canonical JSON: equal parameters give equal digests in any process."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _field_names() -> list[str]:
+    return [field.name for field in dataclasses.fields(RenderParams)]
+
+
+def _check_keys(fields: Mapping[Any, Any]) -> None:
+    for key in fields:
+        if not isinstance(key, str):
+            raise InvalidParameter(f"parameter names must be text, got {_show(key)}")
+    unknown = sorted(set(fields) - set(_field_names()))
+    if unknown:
+        allowed = ", ".join([*_field_names(), "size"])
+        names = ", ".join(_show(name) for name in unknown)
+        raise InvalidParameter(f"unknown parameter(s) {names}; allowed: {allowed}")
+
+
+def _expand_size(fields: dict[str, Any]) -> dict[str, Any]:
+    size = fields.pop("size")
+    if "width" in fields or "height" in fields:
+        raise InvalidParameter("give either size or width/height, not both")
+    if isinstance(size, int) and not isinstance(size, bool):
+        return {"width": size, "height": size}
+    match = _SIZE_TEXT.match(size) if isinstance(size, str) else None
+    if match is None:
+        hint = 'a number or "WIDTHxHEIGHT" like "768x512"'
+        raise InvalidParameter(f"size must be {hint}, got {_show(size)}")
+    width = int(match.group(1))
+    return {"width": width, "height": int(match.group(2) or width)}
+
+
+def _check_text(name: str, value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidParameter(f"{name} must be text, got {type(value).__name__}")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise InvalidParameter(f"{name} has {len(value)} characters; at most {MAX_PROMPT_CHARS}")
+    for index, char in enumerate(value):
+        category = unicodedata.category(char)
+        # Cs: lone surrogates, which cannot be stored as UTF-8 in Postgres.
+        if (category == "Cc" and char not in _ALLOWED_CONTROL) or category == "Cs":
+            raise InvalidParameter(
+                f"{name} contains the control character {char!r} at position {index}; "
+                "only tabs and newlines are allowed"
+            )
+
+
+def _check_number(name: str, value: object) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        kind = type(value).__name__
+        raise InvalidParameter(f"{name} must be a number, got {kind} {_show(value)}")
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float, low_open: bool) -> float:
+    number = _check_number(name, value)
+    if isinstance(number, float) and not math.isfinite(number):
+        raise InvalidParameter(f"{name} must be a finite number, got {_show(number)}")
+    # Compare before float(): Python compares huge ints with floats exactly, float() overflows.
+    if number > high or number < low or (low_open and number == low):
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise InvalidParameter(f"{name} must be in {interval}, got {_show(number)}")
+    return float(number)
+
+
+def _check_int(name: str, value: object, low: int, high: int) -> None:
+    number = _check_number(name, value)
+    if not isinstance(number, int):
+        raise InvalidParameter(f"{name} must be a whole number, got {_show(number)}")
+    if not low <= number <= high:
+        raise InvalidParameter(f"{name} must be between {low} and {high}, got {_show(number)}")
+
+
+def _check_scheduler(value: object) -> str:
+    name = value.strip().lower() if isinstance(value, str) else ""
+    if name not in SCHEDULER_NAMES:
+        choices = ", ".join(SCHEDULER_NAMES)
+        raise InvalidParameter(f"scheduler must be one of {choices}; got {_show(value)}")
+    return name
+
+
+def _show(value: object) -> str:
+    """A short repr for messages: user input may be megabytes long."""
+    try:
+        text = repr(value)
+    except ValueError:  # an int beyond Python's digit limit for str()
+        return "a number too large to print"
+    return text if len(text) <= 40 else text[:37] + "..."

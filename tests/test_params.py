@@ -1,0 +1,136 @@
+"""RenderParams: what users may ask for, and the clear errors for what they may not."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+
+from farm.errors import InvalidParameter
+from farm.params import SCHEDULER_NAMES, RenderParams
+
+
+def test_defaults() -> None:
+    params = RenderParams.from_dict({})
+    assert params == RenderParams()
+    assert (params.width, params.height, params.steps, params.scheduler) == (512, 512, 30, "pndm")
+    assert (params.strength, params.guidance, params.seed) == (0.75, 7.5, 0)
+
+
+def test_valid_values_are_normalized() -> None:
+    params = RenderParams.from_dict(
+        {
+            "prompt": "a cat\r\n\tin a hat",
+            "guidance": 7,
+            "width": 1001,
+            "height": 15,
+            "seed": 2**32 - 1,
+        }
+    )
+    assert params.guidance == 7.0 and isinstance(params.guidance, float)
+    assert (params.width, params.height) == (1000, 8)  # snapped down to a multiple of 8
+    assert params.seed == 2**32 - 1
+
+
+@pytest.mark.parametrize(
+    ("size", "expected"),
+    [(64, (64, 64)), ("768x512", (768, 512)), (" 100 X 36 ", (96, 32)), ("256", (256, 256))],
+)
+def test_size_shorthand(size: object, expected: tuple[int, int]) -> None:
+    params = RenderParams.from_dict({"size": size})
+    assert (params.width, params.height) == expected
+
+
+def test_round_trip_through_json() -> None:
+    params = RenderParams.from_dict({"prompt": "ünïcode ✓", "scheduler": "Euler_A", "sharpen": 1})
+    again = RenderParams.from_dict(json.loads(json.dumps(params.to_dict())))
+    assert again == params
+    assert params.scheduler == "euler_a"
+
+
+def test_digest_is_stable_and_distinguishes() -> None:
+    params = RenderParams(prompt="x", guidance=7)
+    assert params.params_digest() == RenderParams(prompt="x", guidance=7.0).params_digest()
+    assert params.params_digest() != RenderParams(prompt="x", guidance=7.5).params_digest()
+    assert len(params.params_digest()) == 64
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_every_scheduler_is_accepted(name: str) -> None:
+    assert RenderParams(scheduler=name).scheduler == name
+
+
+BAD: list[tuple[dict[str, Any], str]] = [
+    ({"steps": math.nan}, "steps"),
+    ({"guidance": math.nan}, "guidance must be a finite number"),
+    ({"guidance": math.inf}, "guidance must be a finite number"),
+    ({"strength": -math.inf}, "strength"),
+    ({"seed": -1}, "seed must be between 0 and 4294967295"),
+    ({"seed": 2**70}, "seed must be between"),
+    ({"seed": 10**5000}, "too large to print"),
+    ({"strength": 2**2000}, "strength must be in (0, 1]"),
+    ({"seed": 1.5}, "seed must be a whole number"),
+    ({"steps": True}, "steps must be a number, got bool"),
+    ({"guidance": False}, "guidance must be a number, got bool"),
+    ({"steps": "30"}, "steps must be a number, got str"),
+    ({"steps": None}, "steps must be a number"),
+    ({"steps": 0}, "steps must be between 1 and 500"),
+    ({"steps": 501}, "steps"),
+    ({"strength": 0}, "strength must be in (0, 1]"),
+    ({"strength": 1.01}, "strength"),
+    ({"guidance": 50.5}, "guidance must be in [0, 50]"),
+    ({"saturation": -0.1}, "saturation"),
+    ({"sharpen": 6}, "sharpen"),
+    ({"width": 7}, "width must be between 8 and 2048"),
+    ({"height": 4096}, "height"),
+    ({"size": "big"}, "size must be"),
+    ({"size": True}, "size must be"),
+    ({"size": 64, "width": 64}, "either size or width/height"),
+    ({"size": "9000x64"}, "width"),
+    ({"scheduler": "lms"}, "scheduler must be one of pndm, ddim, euler, euler_a, dpm"),
+    ({"scheduler": 3}, "scheduler"),
+    ({"prompt": 5}, "prompt must be text"),
+    ({"prompt": "x" * 2001}, "prompt has 2001 characters; at most 2000"),
+    ({"negative_prompt": "a\x00b"}, "negative_prompt contains the control character '\\x00'"),
+    ({"prompt": "bell\x07"}, "control character"),
+    ({"prompt": "lone \ud800 surrogate"}, "prompt contains"),
+    ({"colour": 1.0}, "unknown parameter(s) 'colour'"),
+    ({"steps": 20, "stpes": 20, "zzz": 1}, "unknown parameter(s) 'stpes', 'zzz'"),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), BAD)
+def test_invalid_parameters_name_the_problem(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidParameter) as raised:
+        RenderParams.from_dict(data)
+    assert message in raised.value.message
+    assert raised.value.code == "INVALID_PARAM"
+
+
+def test_not_a_mapping() -> None:
+    with pytest.raises(InvalidParameter, match="JSON object"):
+        RenderParams.from_dict([("steps", 3)])  # type: ignore[arg-type]
+
+
+def test_non_string_key() -> None:
+    with pytest.raises(InvalidParameter, match="names must be text"):
+        RenderParams.from_dict({1: 2})
+
+
+def test_direct_construction_is_validated_too() -> None:
+    with pytest.raises(InvalidParameter, match="steps"):
+        RenderParams(steps=-3)
+
+
+def test_is_frozen() -> None:
+    params = RenderParams()
+    with pytest.raises(AttributeError):
+        params.steps = 3  # type: ignore[misc]
+
+
+def test_img2img_steps_follow_diffusers_arithmetic() -> None:
+    assert RenderParams(steps=30, strength=0.5).img2img_steps() == 15
+    with pytest.raises(InvalidParameter, match="leaves no denoising step"):
+        RenderParams(steps=2, strength=0.3).img2img_steps()
