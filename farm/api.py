@@ -180,6 +180,8 @@ class Farm:
         scheduler. Bad values raise InvalidParameter before anything is stored."""
         spec = get_pipeline(pipeline)
         render = RenderParams.from_dict(params)
+        if spec.needs_input:
+            render.img2img_steps()
         _check_priority(priority)
         data, name = _read_input(image) if spec.needs_input else (None, None)
         if idempotency_key and (existing := self._find(idempotency_key)):

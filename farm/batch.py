@@ -195,6 +195,7 @@ def submit_folder(
     if not spec.needs_input:
         raise InvalidParameter(f"Pipeline {spec.name!r} takes no input images.")
     render = RenderParams.from_dict(params)
+    render.img2img_steps()
     return FolderSubmission(farm, spec, render, priority).run(folder, recursive)
 
 

@@ -13,6 +13,7 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from farm.config import Settings, is_configured
+from farm.errors import ConfigError
 from farm.pipelines import QUEUES
 
 TASK_FOR_QUEUE = {"cpu": "farm.cpu.run_stage", "gpu": "farm.gpu.run_stage"}
@@ -77,6 +78,17 @@ def celery_priority(priority: int) -> int:
     return 9 - max(0, min(9, priority))
 
 
-# `celery -A farm.tasks worker` imports this module: configure from the environment then.
-if is_configured():
-    configure(Settings.from_env(), os.environ.get("FARM_WORKER_ROLE") or None)
+def _configure_from_env() -> ConfigError | None:
+    """`celery -A farm.tasks worker` imports this module: configure from the environment.
+    A bad setting is kept, not raised, so that importing farm never fails; a worker raises
+    it at start (farm.tasks.worker), the API when it builds its own Settings."""
+    if not is_configured():
+        return None
+    try:
+        configure(Settings.from_env(), os.environ.get("FARM_WORKER_ROLE") or None)
+    except ConfigError as exc:
+        return exc
+    return None
+
+
+config_error = _configure_from_env()

@@ -13,6 +13,7 @@ from celery import signals
 from farm.db.session import dispose_engines
 from farm.errors import FarmError
 from farm.storage import keys
+from farm.tasks import app as app_module
 from farm.tasks import context
 from farm.tasks.reconcile import reconcile_once_across_farm
 
@@ -52,6 +53,12 @@ class Beat(threading.Thread):
 
 
 _beat: Beat | None = None
+
+
+@signals.celeryd_init.connect
+def _check_settings(**_: object) -> None:
+    if app_module.config_error is not None:
+        raise app_module.config_error
 
 
 @signals.worker_process_init.connect
