@@ -91,7 +91,14 @@ TXT2IMG = linear(
     needs_input=False,
 )
 
-PIPELINES: dict[str, Pipeline] = {p.name: p for p in (IMG2IMG, TXT2IMG)}
+# Six stages that only carry a small artifact along the same queues as img2img: what the farm's
+# own machinery costs per stage (benchmarks/overhead.py).
+NOOP = linear(
+    "noop",
+    [(f"noop{i}", queue, "noop") for i, queue in enumerate([CPU, GPU, GPU, GPU, GPU, CPU], 1)],
+)
+
+PIPELINES: dict[str, Pipeline] = {p.name: p for p in (IMG2IMG, TXT2IMG, NOOP)}
 
 
 def get_pipeline(name: object) -> Pipeline:

@@ -117,3 +117,13 @@ def test_gpu_worker_killed_mid_denoise_is_recovered(farm, running, workers) -> N
     assert all(s.status == "done" for s in stages.values())
     assert stages["denoise"].attempts == 2
     assert job.result() == reference.result()  # checkpointed RNG: identical output
+
+
+def test_noop_pipeline_carries_its_input_through(farm, running) -> None:
+    from farm.storage.codecs import decode_tensors
+
+    job = farm.submit(b"\x01\x02\x03", pipeline="noop")
+    info = job.wait(timeout=60)
+    assert info.status == "done"
+    payload = decode_tensors(farm.ctx.store.get(info.output_key))["payload"]
+    assert bytes(payload.tolist()) == b"\x01\x02\x03"

@@ -6,7 +6,7 @@ task wrapper can run any of them: load the input artifact, load the model if ``n
 call ``run``, store what it returns.
 """
 
-from farm.stages import decode, denoise, encode, noise, postprocess, preprocess
+from farm.stages import decode, denoise, encode, noise, noop, postprocess, preprocess
 from farm.stages.base import Artifact, NoHooks, Stage, StageFn, StageHooks, Tensors
 
 STAGES: dict[str, Stage] = {
@@ -21,6 +21,7 @@ STAGES: dict[str, Stage] = {
         Stage("denoise", needs_model=True, output="tensors", run=denoise.run),
         Stage("decode", needs_model=True, output="tensors", run=decode.run),
         Stage("postprocess", needs_model=False, output="png", run=postprocess.run),
+        Stage("noop", needs_model=False, output="tensors", run=noop.run),
     )
 }
 

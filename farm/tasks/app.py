@@ -26,7 +26,7 @@ def make_queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
-app = Celery("farm", include=["farm.tasks.stage_tasks", "farm.tasks.worker"])
+app = Celery("farm", include=["farm.tasks.stage_tasks", "farm.tasks.ping", "farm.tasks.worker"])
 
 
 def celery_config(settings: Settings) -> dict:
