@@ -55,7 +55,6 @@ class Settings(BaseSettings):
     reconcile_interval: int = Field(15, ge=1, description="seconds between reconciler passes")
     flower_user: str = "farm"
     flower_password: SecretStr | None = None
-    log_level: str = "INFO"
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
