@@ -122,6 +122,18 @@ def reconcile() -> None:
 
 
 @app.command()
+def gc(
+    grace: float = typer.Option(3600, "--grace", help="Only objects older than this (s)."),
+) -> None:
+    """Delete artifacts no job record points to (left by a submitter that died)."""
+    from farm.tasks.context import Context
+    from farm.tasks.gc import sweep
+
+    deleted = sweep(Context(Settings.from_env()), grace)
+    console.print(f"{deleted} orphaned object(s) deleted")
+
+
+@app.command()
 def config() -> None:
     """Print the settings in effect (secrets masked)."""
     for key, value in Settings.from_env().public_dict().items():

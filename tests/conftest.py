@@ -24,13 +24,19 @@ TEST_KNOBS = {"FARM_LEASE_TTL": "4", "FARM_RECONCILE_INTERVAL": "2", "FARM_MAX_D
 
 
 @pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackInfo]:
+def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    """The servers themselves, for tests that stop and restart them."""
     local = LocalStack(tmp_path_factory.mktemp("stack"))
-    info = local.up()
+    local.up()
     try:
-        yield info
+        yield local
     finally:
         local.down()
+
+
+@pytest.fixture(scope="session")
+def stack(local_stack: LocalStack) -> StackInfo:
+    return local_stack.info()
 
 
 @pytest.fixture(scope="session")
@@ -76,8 +82,8 @@ class Workers:
         self.env, self.meta, self.log_dir = env, meta, log_dir
         self.running: list[WorkerProcess] = []
 
-    def start(self, role: str) -> WorkerProcess:
-        worker = start_worker(role, self.env, self.log_dir)
+    def start(self, role: str, **env: str) -> WorkerProcess:
+        worker = start_worker(role, {**self.env, **env}, self.log_dir)
         self.running.append(worker)
         wait_ready(self.meta, [worker])
         return worker
@@ -89,6 +95,12 @@ class Workers:
         for role in roles:
             if not self.of(role):
                 self.start(role)
+
+    def replace_all(self, role: str, count: int = 1, **env: str) -> list[WorkerProcess]:
+        """Kill every worker of ``role`` and start ``count`` new ones with ``env`` added."""
+        for worker in self.of(role):
+            self.kill(worker)
+        return [self.start(role, **env) for _ in range(count)]
 
     def kill(self, worker: WorkerProcess) -> None:
         worker.kill()

@@ -266,10 +266,11 @@ def test_missing_inputs_are_named(bundle: ModelBundle) -> None:
 
 
 def test_registry() -> None:
-    assert set(STAGES) == {*IMG2IMG, *TXT2IMG}
+    assert set(STAGES) == {*IMG2IMG, *TXT2IMG, "noop"}
     assert [name for name, stage in STAGES.items() if not stage.needs_model] == [
         "preprocess",
         "postprocess",
+        "noop",
     ]
     assert STAGES["postprocess"].output == "png"
     assert (STAGES["preprocess"].input, STAGES["noise_txt2img"].input) == ("bytes", "none")

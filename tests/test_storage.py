@@ -89,6 +89,13 @@ class TestArtifactStore:
         assert store.get(prefix + "k") == b"second"
         assert list(store.list(prefix)) == [prefix + "k"]
 
+    def test_modified_is_the_write_time(self, store: ArtifactStore, prefix: str) -> None:
+        before = time.time()
+        store.put(f"{prefix}stamped", b"x")
+        assert before - 5 <= store.modified(f"{prefix}stamped") <= time.time() + 5
+        with pytest.raises(ArtifactMissing):
+            store.modified(f"{prefix}absent")
+
     def test_missing_key_is_artifact_missing(self, store: ArtifactStore, prefix: str) -> None:
         assert not store.exists(prefix + "nope")
         for read in (store.get, store.size):

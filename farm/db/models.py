@@ -126,6 +126,9 @@ class StageRun(Base):
     # Deliveries that started and never finished (worker killed): the poison-message guard.
     lost_runs: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
+    # When its message was last sent: the reconciler re-sends a queued stage whose message
+    # the broker no longer holds (Redis lost it) once this is older than a grace period.
+    queued_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

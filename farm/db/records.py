@@ -104,6 +104,7 @@ def mark_queued(session: Session, job: Job, stages: list[str]) -> None:
     for run in job.stage_runs:
         if run.stage in stages:
             run.status = StageStatus.QUEUED
+            run.queued_at = func.now()
             run.error_code = run.error_message = None
 
 
@@ -116,13 +117,16 @@ class Begin:
     job: Job | None = None
 
 
-def begin_stage(session: Session, job_id: str, stage: str, worker: str, max_lost: int) -> Begin:
-    """Take the stage for this delivery (attempt + 1) unless it is done or the job is over."""
+def begin_stage(
+    session: Session, job_id: str, stage: str, worker: str, max_lost: int, retry: bool = False
+) -> Begin:
+    """Take the stage for this delivery (attempt + 1) unless it is done or the job is over.
+    ``retry``: this delivery is Celery's retry after a transient fault, not a redelivery."""
     job = get_job(session, job_id, lock=True)
     run = stage_run(session, job_id, stage, lock=True)
     if run.status == StageStatus.DONE or job.status in TERMINAL:
         return Begin("skip", job=job)
-    if run.status == StageStatus.RUNNING:
+    if run.status == StageStatus.RUNNING and not retry:
         # The previous delivery started and never finished: its worker died.
         run.lost_runs += 1
     if run.lost_runs >= max_lost:
@@ -223,7 +227,12 @@ def requeue_stage(session: Session, job_id: str, stage: str, attempt: int, reaso
     session.execute(
         update(StageRun)
         .where(_fenced(job_id, stage, attempt))
-        .values(status=StageStatus.QUEUED, error_code="TRANSIENT", error_message=reason)
+        .values(
+            status=StageStatus.QUEUED,
+            queued_at=func.now(),
+            error_code="TRANSIENT",
+            error_message=reason,
+        )
     )
 
 
@@ -276,7 +285,7 @@ def expire_stale_stages(session: Session, ttl_s: float) -> list[tuple[Job, str]]
         update(StageRun)
         .where(StageRun.status == StageStatus.RUNNING, StageRun.heartbeat_at < cutoff)
         .where(StageRun.job_id.in_(select(Job.id).where(Job.status == JobStatus.RUNNING)))
-        .values(status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1)
+        .values(status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1, queued_at=func.now())
         .returning(StageRun.job_id, StageRun.stage)
     ).all()
     jobs = _jobs_by_id(session, [job_id for job_id, _ in rows])
@@ -296,3 +305,28 @@ def _fenced(job_id: str, stage: str, attempt: int):
         & (StageRun.attempts == attempt)
         & (StageRun.status == StageStatus.RUNNING)
     )
+
+
+def stale_queued_stages(session: Session, grace_s: float) -> list[tuple[Job, str]]:
+    """Stages of active jobs recorded as queued for longer than ``grace_s``: their message is
+    either still waiting in the broker or was lost with it (the reconciler checks which)."""
+    cutoff = func.now() - timedelta(seconds=grace_s)
+    rows = session.execute(
+        select(StageRun.job_id, StageRun.stage)
+        .join(Job, Job.id == StageRun.job_id)
+        .where(StageRun.status == StageStatus.QUEUED, StageRun.queued_at < cutoff)
+        .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    ).all()
+    jobs = _jobs_by_id(session, [job_id for job_id, _ in rows])
+    return [(jobs[job_id], stage) for job_id, stage in rows]
+
+
+def touch_queued(session: Session, pairs: list[tuple[str, str]]) -> None:
+    """Record that these stages' messages were just sent again."""
+    for job_id, stage in pairs:
+        session.execute(
+            update(StageRun)
+            .where(StageRun.job_id == job_id, StageRun.stage == stage)
+            .where(StageRun.status == StageStatus.QUEUED)
+            .values(queued_at=func.now())
+        )

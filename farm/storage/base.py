@@ -46,6 +46,10 @@ class ArtifactStore(Protocol):
         """The object's length in bytes; ``ArtifactMissing`` if there is none."""
         ...
 
+    def modified(self, key: str) -> float:
+        """When the object was last written (Unix time); ``ArtifactMissing`` if there is none."""
+        ...
+
     def delete(self, key: str) -> None:
         """Remove the object; removing an absent key is not an error."""
         ...

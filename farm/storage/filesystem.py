@@ -64,6 +64,13 @@ class FilesystemStore:
                 raise FileNotFoundError(path)
             return path.stat().st_size
 
+    def modified(self, key: str) -> float:
+        path = self._path(key)
+        with _boundary(key), _missing_as(key):
+            if not path.is_file():
+                raise FileNotFoundError(path)
+            return path.stat().st_mtime
+
     def delete(self, key: str) -> None:
         path = self._path(key)
         # A "directory" key holds no object, and S3 ignores absent keys too.

@@ -152,6 +152,12 @@ class S3Store:
         with self._boundary(key):
             return self._client().head_object(Bucket=self.bucket, Key=key)["ContentLength"]
 
+    def modified(self, key: str) -> float:
+        validate_key(key)
+        with self._boundary(key):
+            head = self._client().head_object(Bucket=self.bucket, Key=key)
+        return head["LastModified"].timestamp()
+
     def delete(self, key: str) -> None:
         validate_key(key)
         with self._boundary(key):

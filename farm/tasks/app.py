@@ -36,6 +36,10 @@ def celery_config(settings: Settings) -> dict:
         "visibility_timeout": vt,
         "queue_order_strategy": "priority",
         "priority_steps": PRIORITY_STEPS,
+        # kombu sweeps for unacked messages past the timeout every interval x throttle
+        # seconds (100 s by default); keep the sweep well inside a short timeout too.
+        "unacked_restore_interval": max(1, min(10, vt // 10)),
+        "unacked_restore_throttle": 1 if vt < 600 else 10,
     }
     return {
         "broker_url": settings.broker_url.get_secret_value(),

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
+import redis
+
 from farm.config import Settings
 from farm.storage import ArtifactStore, make_store
 from farm.storage.metadata import Metadata
@@ -24,6 +26,14 @@ class Context:
     @cached_property
     def meta(self) -> Metadata:
         return Metadata(self.settings.redis_url.get_secret_value())
+
+    @cached_property
+    def broker_redis(self) -> redis.Redis | None:
+        """A client on the broker itself, when the broker is Redis (else None)."""
+        url = self.settings.broker_url.get_secret_value()
+        if not url.startswith(("redis://", "rediss://")):
+            return None
+        return redis.Redis.from_url(url, socket_timeout=10, socket_connect_timeout=5)
 
     @property
     def db_url(self) -> str:

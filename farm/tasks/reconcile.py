@@ -1,9 +1,15 @@
-"""The reconciler: re-enqueue stages whose worker died, without waiting for the broker.
+"""The reconciler: re-enqueue work that would otherwise never finish.
 
-A running stage beats every lease_ttl/3 seconds. When its beats stop for lease_ttl seconds
-(database clock, so worker clock skew does not matter), its worker is presumed dead and the
-stage is sent again. Workers run this every reconcile_interval seconds, one at a time across
-the farm (Redis lock); ``farm reconcile`` runs one pass by hand.
+1. Dead workers. A running stage beats every lease_ttl/3 seconds. When its beats stop for
+   lease_ttl seconds (database clock, so worker clock skew does not matter), its worker is
+   presumed dead and the stage is sent again, without waiting for the broker's visibility
+   timeout.
+2. Lost messages. A stage recorded as queued for a while whose message the broker no longer
+   holds (Redis restarted without persistence, a publish failed half-way) is sent again.
+   Duplicates are harmless: a stage already running or done ignores a second message.
+
+Workers run a pass every reconcile_interval seconds, one at a time across the farm (Redis
+lock); ``farm reconcile`` runs one pass by hand.
 """
 
 from __future__ import annotations
@@ -12,7 +18,9 @@ import logging
 
 from farm.db import records
 from farm.db.session import session_scope
+from farm.pipelines import QUEUES
 from farm.storage import keys
+from farm.tasks.broker_scan import held_stages
 from farm.tasks.context import Context
 from farm.tasks.dispatch import send_stage
 
@@ -21,15 +29,36 @@ log = logging.getLogger(__name__)
 
 def reconcile(ctx: Context) -> list[tuple[str, str]]:
     """One pass; returns the (job_id, stage) pairs it re-enqueued."""
+    return requeue_dead(ctx) + resend_lost(ctx)
+
+
+def requeue_dead(ctx: Context) -> list[tuple[str, str]]:
     with session_scope(ctx.db_url) as s:
-        stale = [
-            (job.id, job.pipeline, stage, job.priority)
-            for job, stage in records.expire_stale_stages(s, ctx.settings.lease_ttl)
-        ]
-    for job_id, pipeline, stage, priority in stale:
+        dead = records.expire_stale_stages(s, ctx.settings.lease_ttl)
+        dead = [(job.id, job.pipeline, stage, job.priority) for job, stage in dead]
+    for job_id, pipeline, stage, priority in dead:
         log.warning("re-enqueueing %s/%s: its worker stopped beating", job_id, stage)
         send_stage(job_id, pipeline, stage, priority)
-    return [(job_id, stage) for job_id, _, stage, _ in stale]
+    return [(job_id, stage) for job_id, _, stage, _ in dead]
+
+
+def resend_lost(ctx: Context) -> list[tuple[str, str]]:
+    if ctx.broker_redis is None:
+        return []  # only a Redis broker can be inspected
+    grace = 3 * ctx.settings.reconcile_interval
+    with session_scope(ctx.db_url) as s:
+        waiting = records.stale_queued_stages(s, grace)
+        waiting = [(job.id, job.pipeline, stage, job.priority) for job, stage in waiting]
+    if not waiting:
+        return []
+    held = held_stages(ctx.broker_redis, QUEUES)
+    lost = [w for w in waiting if (w[0], w[2]) not in held]
+    for job_id, pipeline, stage, priority in lost:
+        log.warning("re-sending %s/%s: the broker no longer holds its message", job_id, stage)
+        send_stage(job_id, pipeline, stage, priority)
+    with session_scope(ctx.db_url) as s:
+        records.touch_queued(s, [(job_id, stage) for job_id, _, stage, _ in lost])
+    return [(job_id, stage) for job_id, _, stage, _ in lost]
 
 
 def reconcile_once_across_farm(ctx: Context) -> list[tuple[str, str]]:

@@ -15,7 +15,7 @@ import uuid
 from farm import stages as stage_ops
 from farm.db import records
 from farm.db.session import session_scope
-from farm.errors import FarmError, JobCancelled, LeaseLost, StageCrashed
+from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, StageSpec, get_pipeline
 from farm.storage import keys
@@ -59,8 +59,11 @@ class LeaseKeeper(threading.Thread):
 class StageRun:
     """One delivery of one (job, stage)."""
 
-    def __init__(self, ctx: Context, job_id: str, stage: str, worker: str) -> None:
+    def __init__(
+        self, ctx: Context, job_id: str, stage: str, worker: str, retry: bool = False
+    ) -> None:
         self.ctx, self.job_id, self.stage, self.worker = ctx, job_id, stage, worker
+        self.retry = retry  # Celery's retry after a transient fault, not a redelivery
         self.token = uuid.uuid4().hex
         self.attempt: int | None = None
         self.keeper: LeaseKeeper | None = None
@@ -75,7 +78,7 @@ class StageRun:
         finally:
             if self.keeper:
                 self.keeper.stop()
-            meta.release_lease(self.job_id, self.stage, self.token)
+            self._live("release_lease", self.job_id, self.stage, self.token)
 
     def _execute_with_lease(self) -> str:
         begin = self._begin()
@@ -112,7 +115,9 @@ class StageRun:
     def _begin(self) -> records.Begin:
         with session_scope(self.ctx.db_url) as s:
             max_lost = self.ctx.settings.max_deliveries
-            begin = records.begin_stage(s, self.job_id, self.stage, self.worker, max_lost)
+            begin = records.begin_stage(
+                s, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
+            )
         if begin.action == "crashed":
             crash = StageCrashed(
                 f"{self.stage} killed its worker {begin.attempt} times; giving up. "
@@ -124,7 +129,7 @@ class StageRun:
             self.attempt = begin.attempt
             self.keeper = LeaseKeeper(self.ctx, self.job_id, self.stage, self.token, begin.attempt)
             self.keeper.start()
-            self.ctx.meta.set_state(self.job_id, status="running", stage=self.stage, step=0)
+            self._live("set_state", self.job_id, status="running", stage=self.stage, step=0)
         return begin
 
     def _resend_lost(self, job) -> None:
@@ -176,12 +181,21 @@ class StageRun:
             raise LeaseLost("the record moved on while this delivery ran")
         if nxt:
             send_stages(self.job_id, pipeline.name, nxt, priority)
-            self.ctx.meta.set_state(self.job_id, status="running", stage=nxt[0], step=0)
+            self._live("set_state", self.job_id, status="running", stage=nxt[0], step=0)
         else:
-            self.ctx.meta.finish(self.job_id, "done")
+            self._live("finish", self.job_id, "done")
+
+    def _live(self, method: str, *args, **kwargs):
+        """Live metadata is best-effort: Redis holds nothing Postgres cannot rebuild, so a
+        Redis outage must not fail a render."""
+        try:
+            return getattr(self.ctx.meta, method)(*args, **kwargs)
+        except MetadataError as exc:
+            log.debug("live metadata skipped (%s): %s", method, exc)
+            return None
 
     def _check_cancel(self) -> None:
-        if self.ctx.meta.is_cancelled(self.job_id):
+        if self._live("is_cancelled", self.job_id):
             raise JobCancelled("cancelled by request")
         if self.keeper and self.keeper.lost:
             raise LeaseLost("another delivery took over this stage")
@@ -189,7 +203,7 @@ class StageRun:
     def _record_cancel(self) -> None:
         with session_scope(self.ctx.db_url) as s:
             records.cancel_stage(s, self.job_id, self.stage, self.attempt)
-        self.ctx.meta.finish(self.job_id, "cancelled")
+        self._live("finish", self.job_id, "cancelled")
 
     def _requeue(self, reason: str) -> None:
         try:
@@ -202,7 +216,7 @@ class StageRun:
         log.warning("%s/%s failed: %s: %s", self.job_id, self.stage, code, message)
         with session_scope(self.ctx.db_url) as s:
             records.fail_stage(s, self.job_id, self.stage, self.attempt, code, message)
-        self.ctx.meta.finish(self.job_id, "failed")
+        self._live("finish", self.job_id, "failed")
 
 
 class Hooks:
@@ -213,6 +227,6 @@ class Hooks:
 
     def on_step(self, step: int, total: int) -> None:
         run = self.run
-        run.ctx.meta.set_state(run.job_id, stage=run.stage, step=step, steps=total)
+        run._live("set_state", run.job_id, stage=run.stage, step=step, steps=total)
         faults.maybe_inject(run.ctx.meta, run.job_id, run.stage, "step")
         run._check_cancel()

@@ -19,7 +19,8 @@ MAX_BACKOFF_S = 60
 
 def _run(task: Task, job_id: str, stage: str) -> str:
     try:
-        return StageRun(context.current(), job_id, stage, task.request.hostname).execute()
+        retry = bool(task.request.retries)
+        return StageRun(context.current(), job_id, stage, task.request.hostname, retry).execute()
     except FarmError as exc:
         if not exc.retryable:
             raise

@@ -42,8 +42,8 @@ class Beat(threading.Thread):
                 if time.monotonic() >= next_reconcile:
                     next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
                     reconcile_once_across_farm(ctx)
-            except FarmError as exc:
-                log.warning("heartbeat/reconcile: %s", exc)
+            except Exception:  # this loop must outlive any outage it reports
+                log.exception("heartbeat/reconcile pass failed")
             self.stop_event.wait(keys.WORKER_BEAT_INTERVAL)
 
     def stop(self) -> None:
