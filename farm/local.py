@@ -375,6 +375,8 @@ def _probe(service: Service, st: Json) -> bool:
 
 # ---- the stack -----------------------------------------------------------------------------
 
+HEALTH_KEY = "farm-health-check"  # written and deleted by every start: never a job's key
+
 PG_CONF = """
 # farm: TCP on loopback only, no unix socket (its path length limit and permissions would
 # depend on where the data dir is); room for many workers' connection pools
@@ -728,6 +730,22 @@ class LocalStack:
                 raise _fail(f"s3: cannot check bucket {BUCKET!r}: {exc}") from exc
         with contextlib.suppress(client.exceptions.BucketAlreadyOwnedByYou):
             client.create_bucket(Bucket=BUCKET)
+        self._wait_writable(client)
+
+    def _wait_writable(self, client: Any) -> None:
+        """weed answers bucket calls before its volume server takes data (500s for a few
+        seconds after a restart): healthy means a write and a read went through."""
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            try:
+                client.put_object(Bucket=BUCKET, Key=HEALTH_KEY, Body=b"ok")
+                client.get_object(Bucket=BUCKET, Key=HEALTH_KEY)["Body"].read()
+                client.delete_object(Bucket=BUCKET, Key=HEALTH_KEY)
+                return
+            except (BotoCoreError, ClientError) as exc:
+                if time.monotonic() > deadline:
+                    raise _fail(f"s3 takes no writes: {exc}; see {self._log('s3')}") from exc
+                time.sleep(0.1)
 
     def _stop(self, services: tuple[Service, ...], state: Json) -> None:
         """Ask every server to stop at once, then wait; SIGKILL whatever is left after 10 s."""

@@ -12,10 +12,22 @@ import threading
 import time
 import uuid
 
+import botocore.exceptions
+import kombu.exceptions
+import redis
+import sqlalchemy.exc
+
 from farm import stages as stage_ops
 from farm.db import records
 from farm.db.session import session_scope
-from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed
+from farm.errors import (
+    FarmError,
+    JobCancelled,
+    LeaseLost,
+    MetadataError,
+    StageCrashed,
+    TransientError,
+)
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, StageSpec, get_pipeline
 from farm.storage import keys
@@ -25,6 +37,17 @@ from farm.tasks.context import Context
 from farm.tasks.dispatch import send_stages
 
 log = logging.getLogger(__name__)
+
+# Connection trouble with Redis, Postgres, S3 or the broker: retried, never a job failure.
+TRANSIENT_ERRORS = (
+    ConnectionError,
+    TimeoutError,
+    redis.ConnectionError,
+    redis.TimeoutError,
+    kombu.exceptions.OperationalError,
+    sqlalchemy.exc.OperationalError,
+    botocore.exceptions.ConnectionError,
+)
 
 
 class LeaseKeeper(threading.Thread):
@@ -106,6 +129,9 @@ class StageRun:
                 raise
             self._fail(exc.code, exc.message)
             return "failed"
+        except TRANSIENT_ERRORS as exc:  # a library error that escaped its boundary mapping
+            self._requeue(f"{type(exc).__name__}: {exc}")
+            raise TransientError(f"{self.stage}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             log.exception("%s/%s crashed", self.job_id, self.stage)
             self._fail("STAGE_FAILED", f"{self.stage} failed: {type(exc).__name__}: {exc}")
