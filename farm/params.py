@@ -28,7 +28,8 @@ SIZE_MIN, SIZE_MAX = 8, 2048
 SIZE_MULTIPLE = 8
 SEED_MAX = 2**32 - 1
 _ALLOWED_CONTROL = frozenset("\t\n\r")  # \r: text from browser forms ends lines with \r\n
-_SIZE_TEXT = re.compile(r"^\s*(\d+)\s*(?:x\s*(\d+)\s*)?$", re.IGNORECASE)
+# ASCII digits only, at most 9 of them: int() of a 5000-digit string raises ValueError.
+_SIZE_TEXT = re.compile(r"^\s*([0-9]{1,9})\s*(?:x\s*([0-9]{1,9})\s*)?$", re.IGNORECASE)
 
 # name -> (low, high, whether low itself is excluded)
 _FLOATS: dict[str, tuple[float, float, bool]] = {
