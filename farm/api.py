@@ -26,7 +26,7 @@ from farm.db.models import TERMINAL, JobStatus
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
 from farm.errors import FarmError, InvalidParameter, is_input_error
-from farm.inputs import check_bytes, read_image_bytes
+from farm.inputs import check_bytes, display_name, read_image_bytes
 from farm.params import RenderParams
 from farm.pipelines import get_pipeline
 from farm.storage import keys
@@ -324,7 +324,7 @@ def _read_input(image: str | Path | bytes | None) -> tuple[bytes, str | None]:
         check_bytes(image)
         return image, None
     path = Path(image).expanduser()
-    return read_image_bytes(path), path.name
+    return read_image_bytes(path), display_name(path.name)
 
 
 def _check_priority(priority: object) -> None:

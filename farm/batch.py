@@ -123,7 +123,11 @@ class FolderSubmission:
         return Batch(self.farm, self.batch_id, self.skipped)
 
     def _submit_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
-        by_key = {self._key(f): f for f in files}
+        by_key: dict[str, InputFile] = {}
+        for file in files:
+            first = by_key.setdefault(self._key(file), file)
+            if first is not file:  # same bytes, same parameters: the same render
+                self.skipped.append(f"{file.name} (same content as {first.name})")
         existing = self._existing(list(by_key))
         new = {key: f for key, f in by_key.items() if key not in existing}
         ids = {key: records.new_id() for key in new}

@@ -6,7 +6,8 @@
      │    ├── InvalidParameter   INVALID_PARAM
      │    ├── UnknownPipeline    UNKNOWN_PIPELINE
      │    └── InvalidImage       INPUT_NOT_IMAGE, INPUT_CORRUPT, INPUT_TOO_LARGE,
-     │                           INPUT_TOO_SMALL, INPUT_UNSUPPORTED
+     │                           INPUT_TOO_SMALL, INPUT_BAD_ASPECT, INPUT_UNSUPPORTED,
+     │                           INPUT_OUTSIDE, INPUT_UNREADABLE
      ├── TransientError          (retried with backoff)
      │    ├── StorageError       STORAGE_UNAVAILABLE
      │    ├── DatabaseError      DATABASE_UNAVAILABLE
