@@ -53,6 +53,9 @@ class Settings(BaseSettings):
     lease_ttl: int = Field(30, ge=2, description="a stage is presumed dead after this, seconds")
     max_deliveries: int = Field(3, ge=1, description="crashes of one stage before it fails")
     reconcile_interval: int = Field(15, ge=1, description="seconds between reconciler passes")
+    signing_key: Path | None = Field(None, description="PEM private key: sign task messages")
+    signing_cert: Path | None = Field(None, description="PEM certificate of that key")
+    signing_cert_store: Path | None = Field(None, description="folder of trusted certificates")
     flower_user: str = "farm"
     flower_password: SecretStr | None = None
 
@@ -85,6 +88,17 @@ class Settings(BaseSettings):
                 value = value.get_secret_value()
             lines.append(f"{ENV_PREFIX}{name.upper()}={value}")
         return lines
+
+    @property
+    def signing(self) -> bool:
+        """Whether task messages are signed (all three signing settings given)."""
+        values = (self.signing_key, self.signing_cert, self.signing_cert_store)
+        if any(values) and not all(values):
+            raise ConfigError(
+                "Message signing needs FARM_SIGNING_KEY, FARM_SIGNING_CERT and "
+                "FARM_SIGNING_CERT_STORE together."
+            )
+        return all(values)
 
     def check_storage(self) -> None:
         """Fail fast when the chosen artifact store lacks what it needs."""

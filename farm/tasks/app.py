@@ -68,12 +68,33 @@ def celery_config(settings: Settings) -> dict:
     }
 
 
+def signing_config(settings: Settings) -> dict:
+    """Celery's ``auth`` serializer: every message signed with our key, JSON inside; a
+    message without a valid signature from a trusted certificate is refused."""
+    return {
+        "task_serializer": "auth",
+        "accept_content": ["auth"],
+        "result_accept_content": ["json"],
+        "event_serializer": "json",
+        "security_key": str(settings.signing_key),
+        "security_certificate": str(settings.signing_cert),
+        "security_cert_store": f"{settings.signing_cert_store}/*",
+        "security_digest": "sha256",
+        "security_key_password": None,
+    }
+
+
 def configure(settings: Settings, role: str | None = None) -> Celery:
     """Point the app at this farm; a worker role's module (worker_configs/ROLE.py) adds to it."""
     conf = celery_config(settings)
+    if settings.signing:
+        conf.update(signing_config(settings))
     if role:
         conf.update(import_module(f"worker_configs.{role}").CELERY)
     app.conf.update(conf)
+    if settings.signing:
+        # Events stay JSON (Flower reads them); task messages are accepted only signed.
+        app.setup_security(allowed_serializers=["json"], serializer="json", digest="sha256")
     return app
 
 
