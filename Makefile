@@ -24,7 +24,8 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 demo: install
-	$(VENV)/bin/farm render examples/inputs -o demo-output --size 128 --steps 20
+	$(VENV)/bin/farm render examples/inputs -o demo-output --size 128 --steps 20 \
+		--prompt "a watercolor painting"
 	@echo "outputs: $(CURDIR)/demo-output"
 
 lint: install

@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from farm.api import Farm, JobInfo
+from farm.api import Farm, Job, JobInfo
 from farm.batch import Batch
 from farm.db.models import JobStatus
 
@@ -68,7 +68,7 @@ class Follower:
     def _show_running(self, bars: Progress, lines: list, jobs: list[JobInfo]) -> None:
         running = [j for j in jobs if j.status == JobStatus.RUNNING][: len(lines)]
         for line, job in zip(lines, running, strict=False):
-            p = self.farm.get(job.id).progress()
+            p = Job(self.farm, job.id).progress()
             text = f"  {job.input_name}: {p.stage or '…'}"
             total = p.steps if p.stage == "denoise" and p.steps else None
             bars.update(line, description=text, total=total, completed=p.step, visible=True)
