@@ -10,7 +10,6 @@ job.save("cat-out.png")
 from __future__ import annotations
 
 import hashlib
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from farm.storage import keys
 from farm.tasks.app import configure
 from farm.tasks.context import Context
 from farm.tasks.dispatch import send_stages
+from farm.waiting import poll_until
 
 
 class NoWorkerWarning(UserWarning):
@@ -126,17 +126,20 @@ class Job:
     ) -> JobInfo:
         """Block until the job is done, failed or cancelled; TimeoutError after ``timeout``.
         Warns (NoWorkerWarning) when no live worker consumes a queue the job needs."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         self.farm.warn_if_no_workers(self.farm.queues_of(job_id=self.id))
-        while True:
-            info = self.info()
-            if info.finished:
-                return info
-            if on_progress is not None:
+
+        def report(info: JobInfo) -> None:
+            if on_progress is not None and not info.finished:
                 on_progress(self.progress())
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"job {self.id} still {info.status} after {timeout} s")
-            time.sleep(poll)
+
+        return poll_until(
+            self.info,
+            lambda info: info.finished,
+            timeout=timeout,
+            poll=poll,
+            report=report,
+            what=f"job {self.id}",
+        )
 
     def result(self) -> bytes:
         """The output PNG's bytes; FarmError if the job is not done."""

@@ -9,7 +9,6 @@ creates no duplicate job.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
 from farm.storage import keys
 from farm.tasks.dispatch import send_stages
+from farm.waiting import poll_until
 
 if TYPE_CHECKING:
     from farm.api import Farm, JobInfo
@@ -86,17 +86,15 @@ class Batch:
         poll: float = 0.5,
     ) -> BatchCounts:
         """Block until every job of the batch has finished; TimeoutError after ``timeout``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
         self.farm.warn_if_no_workers(self.farm.queues_of(batch=self.id))
-        while True:
-            counts = self.counts()
-            if on_progress is not None:
-                on_progress(counts)
-            if counts.finished:
-                return counts
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"batch {self.id} unfinished after {timeout} s: {counts}")
-            time.sleep(poll)
+        return poll_until(
+            self.counts,
+            lambda counts: counts.finished,
+            timeout=timeout,
+            poll=poll,
+            report=on_progress,
+            what=f"batch {self.id}",
+        )
 
 
 @dataclass

@@ -143,9 +143,22 @@ def config() -> None:
 # -- rendering ------------------------------------------------------------------------------
 
 
-def _params(**values: object) -> dict:
-    """Only what the user passed: RenderParams fills the rest with its defaults."""
-    return {k: v for k, v in values.items() if v is not None}
+RENDER_OPTIONS = (
+    "prompt",
+    "negative_prompt",
+    "strength",
+    "steps",
+    "guidance",
+    "seed",
+    "size",
+    "scheduler",
+    "sharpen",
+)
+
+
+def _params(arguments: dict) -> dict:
+    """The render options the user passed; RenderParams fills the rest with its defaults."""
+    return {k: arguments[k] for k in RENDER_OPTIONS if arguments.get(k) is not None}
 
 
 Prompt = typer.Option(None, "--prompt", "-p", help="What to render.")
@@ -209,17 +222,7 @@ def render(
     """Render every image of a folder; exits 1 if any failed. Re-running skips done inputs."""
     from farm.render import Follower, summary_table
 
-    params = _params(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        strength=strength,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        size=size,
-        scheduler=scheduler,
-        sharpen=sharpen,
-    )
+    params = _params(locals())
     with _farm(data_dir) as farm:
         batch = farm.submit_folder(
             input_dir, recursive, pipeline=pipeline, priority=priority, **params
@@ -258,17 +261,7 @@ def submit(
     priority: int = Priority,
 ) -> None:
     """Submit one job and print its id."""
-    params = _params(
-        prompt=prompt,
-        negative_prompt=negative_prompt,
-        strength=strength,
-        steps=steps,
-        guidance=guidance,
-        seed=seed,
-        size=size,
-        scheduler=scheduler,
-        sharpen=sharpen,
-    )
+    params = _params(locals())
     job = Farm.from_env().submit(image, pipeline=pipeline, priority=priority, **params)
     console.print(job.id)
 

@@ -19,6 +19,7 @@ import sqlalchemy.exc
 
 from farm import stages as stage_ops
 from farm.db import records
+from farm.db.models import JobStatus
 from farm.db.session import session_scope
 from farm.errors import (
     FarmError,
@@ -106,7 +107,7 @@ class StageRun:
     def _execute_with_lease(self) -> str:
         begin = self._begin()
         if begin.action == "skip":
-            self._resend_lost(begin.job)
+            self._resend_lost()
             return "skip"
         pipeline = get_pipeline(begin.job.pipeline)
         params = RenderParams.from_dict(begin.job.params)
@@ -158,13 +159,15 @@ class StageRun:
             self._live("set_state", self.job_id, status="running", stage=self.stage, step=0)
         return begin
 
-    def _resend_lost(self, job) -> None:
+    def _resend_lost(self) -> None:
         """A redelivered, finished stage: make sure its successors' messages went out (the
         first delivery may have died between commit and send). Duplicates are no-ops."""
-        if job.status in ("queued", "running"):
-            with session_scope(self.ctx.db_url) as s:
-                lost = records.queued_and_ready(records.get_job(s, self.job_id))
-            send_stages(self.job_id, job.pipeline, lost, job.priority)
+        with session_scope(self.ctx.db_url) as s:
+            job = records.get_job(s, self.job_id)
+            if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+                return
+            lost, pipeline, priority = records.queued_and_ready(job), job.pipeline, job.priority
+        send_stages(self.job_id, pipeline, lost, priority)
 
     # 2. load inputs, run the plain stage function
     def _run_op(self, pipeline: Pipeline, params: RenderParams, input_key: str | None):
