@@ -22,7 +22,7 @@ from farm.tasks.gc import orphaned_jobs, sweep
 from tests.helpers import sample_png, wait_for_step, wait_until
 
 PARAMS = {"size": 64, "steps": 12, "strength": 0.8, "prompt": "a windmill", "seed": 21}
-SLOW = {**PARAMS, "steps": 150, "strength": 1.0}
+SLOW = {**PARAMS, "steps": 80, "strength": 1.0}  # seconds of denoise to kill into
 _references: dict[tuple, bytes] = {}
 
 pytestmark = pytest.mark.slow
