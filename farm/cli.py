@@ -220,7 +220,7 @@ def render(
     data_dir: Path | None = DataDir,
 ) -> None:
     """Render every image of a folder; exits 1 if any failed. Re-running skips done inputs."""
-    from farm.render import Follower, summary_table
+    from farm.render import Follower, summary
 
     params = _params(locals())
     with _farm(data_dir) as farm:
@@ -230,7 +230,7 @@ def render(
         _warn_missing(farm, batch)
         output.mkdir(parents=True, exist_ok=True)
         jobs = Follower(farm, batch, output, console).run()
-    console.print(summary_table(jobs, batch.skipped))
+    console.print(summary(jobs, batch.skipped))
     console.print(f"outputs in {output.resolve()}  (batch {batch.id})")
     if any(j.status != "done" for j in jobs):
         raise typer.Exit(1)

@@ -6,9 +6,10 @@ import time
 from collections import Counter
 from pathlib import Path, PurePosixPath
 
-from rich.console import Console
+from rich.console import Console, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from farm.api import Farm, Job, JobInfo
 from farm.batch import Batch
@@ -76,17 +77,19 @@ class Follower:
             bars.update(line, visible=False)
 
 
-def summary_table(jobs: list[JobInfo], skipped: list[str]) -> Table:
-    """One row per input that did not render, then the totals."""
-    table = Table(title="farm render", show_lines=False)
-    for column in ("input", "status", "code", "message"):
-        table.add_column(column)
-    for job in sorted(jobs, key=lambda j: j.input_name or ""):
-        if job.status != JobStatus.DONE:
-            table.add_row(job.input_name, job.status, job.error_code or "", job.error_message or "")
+def summary(jobs: list[JobInfo], skipped: list[str]) -> RenderableType:
+    """One row per input that did not render, then the totals; just the totals if all did."""
     counts = Counter(j.status for j in jobs)
     totals = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
-    table.caption = f"{len(jobs)} inputs: {totals}" + (
-        f" ({len(skipped)} already rendered, skipped)" if skipped else ""
+    caption = f"{len(jobs)} inputs: {totals}"
+    if skipped:
+        caption += f" ({len(skipped)} already rendered, skipped)"
+    failed = sorted(
+        (j for j in jobs if j.status != JobStatus.DONE), key=lambda j: j.input_name or ""
     )
+    if not failed:
+        return Text(caption)
+    table = Table("input", "status", "code", "message", title="farm render", caption=caption)
+    for job in failed:
+        table.add_row(job.input_name, job.status, job.error_code or "", job.error_message or "")
     return table
