@@ -28,6 +28,7 @@ from farm.config import Settings
 from farm.errors import ArtifactMissing, ConfigError, StorageError
 from farm.local import StackInfo
 from farm.storage import ArtifactStore, FilesystemStore, S3Store, make_store
+from farm.storage.cache import CachedStore
 from farm.storage.filesystem import TMP_PREFIX
 
 MiB = 1024 * 1024
@@ -56,7 +57,12 @@ def fs_store(tmp_path: Path) -> FilesystemStore:
     return FilesystemStore(tmp_path / "artifacts")
 
 
-@pytest.fixture(params=["s3", "fs"])
+@pytest.fixture
+def cached_s3_store(s3_store: S3Store) -> CachedStore:
+    return CachedStore(s3_store, max_bytes=64 * 1024 * 1024)
+
+
+@pytest.fixture(params=["s3", "fs", "cached_s3"])
 def store(request: pytest.FixtureRequest) -> ArtifactStore:
     return request.getfixturevalue(f"{request.param}_store")
 
@@ -387,3 +393,19 @@ def raw_client(stack: StackInfo) -> Any:
         region_name="us-east-1",
         config=Config(s3={"addressing_style": "path"}),
     )
+
+
+class TestCachedStore:
+    def test_reads_what_it_wrote_from_memory_and_still_stores_it(self, s3_store, prefix) -> None:
+        cached = CachedStore(s3_store)
+        cached.put(f"{prefix}a", b"checkpoint")
+        assert cached.get(f"{prefix}a") == b"checkpoint" and cached.hits == 1
+        assert s3_store.get(f"{prefix}a") == b"checkpoint"  # the store has it too
+
+    def test_stays_within_its_byte_budget(self, fs_store, prefix) -> None:
+        cached = CachedStore(fs_store, max_bytes=100)
+        for i in range(10):
+            cached.put(f"{prefix}{i}", bytes(20))
+        assert cached._size <= 100
+        assert cached.get(f"{prefix}0") == bytes(20)  # evicted from memory, read from the store
+        assert cached.hits == 0

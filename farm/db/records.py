@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from sqlalchemy import func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
+from sqlalchemy.orm.attributes import set_committed_value
 
 from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageRun, StageStatus
 from farm.errors import JobNotFound
@@ -73,8 +74,11 @@ def fail_at_submit(job: Job, code: str, message: str) -> None:
 
 
 def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
-    query = select(Job).where(Job.id == job_id)
-    job = session.scalars(query.with_for_update() if lock else query).one_or_none()
+    """The job with its stage records, in one query (``lock``: the job row FOR UPDATE)."""
+    query = select(Job).where(Job.id == job_id).options(joinedload(Job.stage_runs))
+    if lock:
+        query = query.with_for_update(of=Job)
+    job = session.scalars(query).unique().one_or_none()
     if job is None:
         raise JobNotFound(f"No job with id {job_id!r}.")
     return job
@@ -87,6 +91,10 @@ def find_by_idempotency_key(session: Session, key: str) -> Job | None:
 def stage_run(session: Session, job_id: str, stage: str, *, lock: bool = False) -> StageRun:
     query = select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == stage)
     return session.scalars(query.with_for_update() if lock else query).one()
+
+
+def _run_of(job: Job, stage: str) -> StageRun:
+    return next(run for run in job.stage_runs if run.stage == stage)
 
 
 def done_stages(job: Job) -> set[str]:
@@ -122,8 +130,8 @@ def begin_stage(
 ) -> Begin:
     """Take the stage for this delivery (attempt + 1) unless it is done or the job is over.
     ``retry``: this delivery is Celery's retry after a transient fault, not a redelivery."""
-    job = get_job(session, job_id, lock=True)
-    run = stage_run(session, job_id, stage, lock=True)
+    job = get_job(session, job_id, lock=True)  # stage records change under the job's lock
+    run = _run_of(job, stage)
     if run.status == StageStatus.DONE or job.status in TERMINAL:
         return Begin("skip", job=job)
     if run.status == StageStatus.RUNNING and not retry:
@@ -182,7 +190,8 @@ def complete_stage(
     )
     if result.rowcount != 1:
         return None
-    session.refresh(job, ["stage_runs"])
+    # Mirror what the UPDATE wrote without making the ORM write it again.
+    set_committed_value(_run_of(job, stage), "status", StageStatus.DONE)
     if job.status in TERMINAL:
         return None  # cancelled while this stage ran: keep its checkpoint, go no further
     return _advance(session, job, get_pipeline(job.pipeline), checkpoint.key)

@@ -12,16 +12,20 @@ import redis
 
 from farm.config import Settings
 from farm.storage import ArtifactStore, make_store
+from farm.storage.cache import CachedStore
 from farm.storage.metadata import Metadata
 
 
 @dataclass
 class Context:
     settings: Settings
+    cache_artifacts: bool = False  # workers only: a submitter would just hold its inputs
 
     @cached_property
     def store(self) -> ArtifactStore:
-        return make_store(self.settings)
+        store = make_store(self.settings)
+        # Consecutive stages of a job on one worker re-read what it just wrote.
+        return CachedStore(store) if self.cache_artifacts else store
 
     @cached_property
     def meta(self) -> Metadata:
@@ -47,7 +51,7 @@ def current() -> Context:
     """This process's context, read from the environment the first time."""
     global _current
     if _current is None:
-        _current = Context(Settings.from_env())
+        _current = Context(Settings.from_env(), cache_artifacts=True)
     return _current
 
 
