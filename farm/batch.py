@@ -26,6 +26,7 @@ from farm.inputs import InputFile, read_input, scan_folder
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
 from farm.storage import keys
+from farm.tasks.app import app
 from farm.tasks.dispatch import send_stages
 from farm.waiting import poll_until
 
@@ -131,12 +132,21 @@ class FolderSubmission:
         ids = {key: records.new_id() for key in new}
         uploads = [(ids[k], f.data) for k, f in new.items() if f.data is not None]
         list(pool.map(lambda item: self._upload(*item), uploads))
+        jobs = [self._new_job(ids[k], k, f) for k, f in new.items()]
+        failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
         with session_scope(self.farm.ctx.db_url) as s:
-            to_send = [self._record_new(s, ids[k], k, f) for k, f in new.items()]
-            to_send += [self._adopt(s, job_id) for job_id in existing.values()]
-        for job_id, stages in filter(None, to_send):
-            self.farm.ctx.meta.set_state(job_id, status="queued", stage=stages[0], step=0)
-            send_stages(job_id, self.pipeline.name, stages, self.priority)
+            first = [spec.name for spec in self.pipeline.ready(())]
+            to_send = [(i, first) for i in records.insert_jobs(s, self.pipeline, jobs, failures)]
+            to_send += filter(None, (self._adopt(s, job_id) for job_id in existing.values()))
+        self.farm.ctx.meta.set_states(
+            {
+                job_id: {"status": "queued", "stage": stages[0], "step": 0}
+                for job_id, stages in to_send
+            }
+        )
+        with app.producer_or_acquire() as producer:  # one connection for the whole chunk
+            for job_id, stages in to_send:
+                send_stages(job_id, self.pipeline.name, stages, self.priority, producer)
 
     def _key(self, file: InputFile) -> str:
         from farm.api import idempotency_key
@@ -155,8 +165,8 @@ class FolderSubmission:
     def _upload(self, job_id: str, data: bytes) -> None:
         self.farm.ctx.store.put(keys.input_key(job_id), data)
 
-    def _record_new(self, s, job_id: str, key: str, file: InputFile):
-        new = records.NewJob(
+    def _new_job(self, job_id: str, key: str, file: InputFile) -> records.NewJob:
+        return records.NewJob(
             pipeline=self.pipeline.name,
             params=self.params.to_dict(),
             priority=self.priority,
@@ -166,13 +176,6 @@ class FolderSubmission:
             idempotency_key=key,
             job_id=job_id,
         )
-        job = records.create_job(s, new)
-        if file.error is not None:
-            records.fail_at_submit(job, file.error.code, file.error.message)
-            return None
-        first = [spec.name for spec in self.pipeline.ready(())]
-        records.mark_queued(s, job, first)
-        return job_id, first
 
     def _adopt(self, s, job_id: str):
         """An input an earlier run already submitted: join this batch; resume it if it failed

@@ -70,6 +70,15 @@ class Metadata:
         self.redis.hset(keys.job_state(job_id), mapping=fields)
 
     @_mapped
+    def set_states(self, states: dict[str, dict[str, str | int | float]]) -> None:
+        """Many jobs' live state in one round trip."""
+        pipe = self.redis.pipeline(transaction=False)
+        now = round(time.time(), 3)
+        for job_id, fields in states.items():
+            pipe.hset(keys.job_state(job_id), mapping={**fields, "updated": now})
+        pipe.execute()
+
+    @_mapped
     def state(self, job_id: str) -> dict[str, str]:
         return self.redis.hgetall(keys.job_state(job_id))
 

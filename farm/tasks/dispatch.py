@@ -9,7 +9,8 @@ from farm.pipelines import get_pipeline
 from farm.tasks.app import TASK_FOR_QUEUE, app, celery_priority
 
 
-def send_stage(job_id: str, pipeline: str, stage: str, priority: int) -> None:
+def send_stage(job_id: str, pipeline: str, stage: str, priority: int, producer=None) -> None:
+    """``producer``: reuse one broker connection across many sends (a folder's chunk)."""
     queue = get_pipeline(pipeline).stage(stage).queue
     try:
         app.send_task(
@@ -17,6 +18,7 @@ def send_stage(job_id: str, pipeline: str, stage: str, priority: int) -> None:
             args=(job_id, stage),
             queue=queue,
             priority=celery_priority(priority),
+            producer=producer,
             retry=True,
             retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
         )
@@ -24,6 +26,8 @@ def send_stage(job_id: str, pipeline: str, stage: str, priority: int) -> None:
         raise MetadataError(f"The broker is unreachable ({exc.__class__.__name__})") from exc
 
 
-def send_stages(job_id: str, pipeline: str, stages: list[str], priority: int) -> None:
+def send_stages(
+    job_id: str, pipeline: str, stages: list[str], priority: int, producer=None
+) -> None:
     for stage in stages:
-        send_stage(job_id, pipeline, stage, priority)
+        send_stage(job_id, pipeline, stage, priority, producer)
