@@ -77,9 +77,11 @@ def insert_jobs(
         return []
     now = datetime.now(UTC)
     first = {spec.name for spec in pipeline.ready(())}
-    session.execute(insert(Job), [_job_row(new, failures.get(new.job_id), now) for new in jobs])
+    # Table-level inserts: one multi-row statement each (the ORM would split rows by shape).
+    rows = [_job_row(new, failures.get(new.job_id), now) for new in jobs]
+    session.execute(insert(Job.__table__), rows)
     session.execute(
-        insert(StageRun),
+        insert(StageRun.__table__),
         [
             _stage_row(new.job_id, i, spec, spec.name in first and new.job_id not in failures, now)
             for new in jobs

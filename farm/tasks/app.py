@@ -61,7 +61,6 @@ def celery_config(settings: Settings) -> dict:
         "task_default_exchange": "cpu",
         "task_default_routing_key": "cpu",
         "task_routes": {"farm.cpu.*": {"queue": "cpu"}, "farm.gpu.*": {"queue": "gpu"}},
-        "task_send_sent_event": True,
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
         "broker_pool_limit": 10,
@@ -91,11 +90,22 @@ def configure(settings: Settings, role: str | None = None) -> Celery:
         conf.update(signing_config(settings))
     if role:
         conf.update(import_module(f"worker_configs.{role}").CELERY)
+    if app.conf.broker_url and app.conf.broker_url != conf["broker_url"]:
+        _forget_connections()
     app.conf.update(conf)
     if settings.signing:
         # Events stay JSON (Flower reads them); task messages are accepted only signed.
         app.setup_security(allowed_serializers=["json"], serializer="json", digest="sha256")
     return app
+
+
+def _forget_connections() -> None:
+    """The app pools broker connections: pointing it at another broker must drop them
+    (what Celery itself does after a fork), or sends keep going to the old one."""
+    if app._pool is not None:
+        app._pool.force_close_all()
+        app._pool = None
+    app.amqp._producer_pool = None
 
 
 def celery_priority(priority: int) -> int:
