@@ -5,7 +5,8 @@ checkpoints to S3-compatible storage and records itself in Postgres, so failed j
 from their last finished stage.
 """
 
-from farm.api import Farm, Job, JobInfo, Progress, StageInfo
+from farm.api import Farm, Job, JobInfo, NoWorkerWarning, Progress, StageInfo
+from farm.batch import Batch, BatchCounts
 from farm.config import Settings
 from farm.errors import (
     ArtifactMissing,
@@ -31,6 +32,8 @@ from farm.pipelines import PIPELINES
 __all__ = [
     "PIPELINES",
     "ArtifactMissing",
+    "Batch",
+    "BatchCounts",
     "ConfigError",
     "DatabaseError",
     "Farm",
@@ -44,6 +47,7 @@ __all__ = [
     "JobNotFound",
     "MetadataError",
     "ModelError",
+    "NoWorkerWarning",
     "Progress",
     "RenderParams",
     "Settings",

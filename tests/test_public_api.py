@@ -9,7 +9,7 @@ from farm import errors
 def test_all_names_exist_and_are_exported() -> None:
     for name in farm.__all__:
         assert hasattr(farm, name), name
-    assert {"Farm", "Job", "FarmError", "Settings"} <= set(farm.__all__)
+    assert {"Farm", "Job", "Batch", "FarmError", "Settings", "NoWorkerWarning"} <= set(farm.__all__)
 
 
 def test_every_error_has_a_stable_unique_code() -> None:
