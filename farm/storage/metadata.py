@@ -121,10 +121,6 @@ class Metadata:
     def release_lease(self, job_id: str, stage: str, token: str) -> None:
         self._release(keys=[keys.stage_lease(job_id, stage)], args=[token])
 
-    @_mapped
-    def lease_holder(self, job_id: str, stage: str) -> str | None:
-        return self.redis.get(keys.stage_lease(job_id, stage))
-
     # -- workers -------------------------------------------------------------------------------
 
     @_mapped
