@@ -100,11 +100,11 @@ def configure(settings: Settings, role: str | None = None) -> Celery:
 
 
 def _forget_connections() -> None:
-    """The app pools broker connections: pointing it at another broker must drop them
-    (what Celery itself does after a fork), or sends keep going to the old one."""
-    if app._pool is not None:
-        app._pool.force_close_all()
-        app._pool = None
+    """The app caches its broker pools: pointing it at another broker must drop them, or
+    sends keep going to the old one. The pools themselves live on in kombu's registry, keyed
+    by broker, and are handed back if the app is pointed at that broker again, so they must
+    not be closed here."""
+    app._pool = None
     app.amqp._producer_pool = None
 
 
