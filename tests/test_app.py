@@ -30,3 +30,27 @@ def test_configure_switches_to_another_broker(stack, settings) -> None:
             client.flushdb()
     finally:
         configure(settings)
+
+
+def test_a_message_a_worker_took_long_ago_counts_as_lost(stack) -> None:
+    import base64
+    import json
+    import time
+
+    from farm.tasks.broker_scan import UNACKED, UNACKED_INDEX, held_stages
+
+    client = redis.Redis.from_url(stack.redis_url.rsplit("/", 1)[0] + "/4")
+    body = base64.b64encode(json.dumps([["job1", "denoise"], {}, {}]).encode()).decode()
+    message = {"body": body, "headers": {"task": "farm.gpu.run_stage"}}
+    client.hset(
+        UNACKED,
+        mapping={
+            "old": json.dumps([message, "gpu", "gpu"]),
+            "new": json.dumps([message | {}, "gpu", "gpu"]),
+        },
+    )
+    client.zadd(UNACKED_INDEX, {"old": time.time() - 600})
+    assert held_stages(client, ["gpu"], taken_within=30) == set()
+    client.zadd(UNACKED_INDEX, {"new": time.time()})
+    assert held_stages(client, ["gpu"], taken_within=30) == {("job1", "denoise")}
+    client.flushdb()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 from collections.abc import Iterable, Iterator
 
 import redis
@@ -17,6 +18,7 @@ from farm.tasks.app import PRIORITY_STEPS
 
 PRIORITY_SEP = "\x06\x16"  # kombu's separator between a queue name and its priority step
 UNACKED = "unacked"
+UNACKED_INDEX = "unacked_index"  # delivery tag -> when a worker took the message
 PAGE = 1000
 
 
@@ -24,14 +26,21 @@ def queue_keys(queue: str) -> list[str]:
     return [queue] + [f"{queue}{PRIORITY_SEP}{step}" for step in PRIORITY_STEPS if step]
 
 
-def held_stages(client: redis.Redis, queues: Iterable[str]) -> set[tuple[str, str]]:
-    """(job_id, stage) of every stage message waiting in ``queues`` or held by a worker."""
+def held_stages(
+    client: redis.Redis, queues: Iterable[str], taken_within: float
+) -> set[tuple[str, str]]:
+    """(job_id, stage) of every stage message waiting in ``queues``, or taken by a worker
+    less than ``taken_within`` seconds ago. A message taken earlier whose stage has still not
+    started is as good as lost: its worker dropped it (connection lost right after it was
+    fetched), and the broker would only restore it after the visibility timeout."""
     held = set()
     for queue in queues:
         for key in queue_keys(queue):
             held.update(filter(None, map(_stage_of, _list_items(client, key))))
-    for raw in client.hvals(UNACKED):
-        held.add(_stage_of(json.loads(raw)[0]))
+    recent = client.zrangebyscore(UNACKED_INDEX, time.time() - taken_within, "+inf")
+    for raw in client.hmget(UNACKED, recent) if recent else []:
+        if raw is not None:
+            held.add(_stage_of(json.loads(raw)[0]))
     held.discard(None)
     return held
 

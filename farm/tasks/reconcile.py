@@ -51,7 +51,7 @@ def resend_lost(ctx: Context) -> list[tuple[str, str]]:
         waiting = [(job.id, job.pipeline, stage, job.priority) for job, stage in waiting]
     if not waiting:
         return []
-    held = held_stages(ctx.broker_redis, QUEUES)
+    held = held_stages(ctx.broker_redis, QUEUES, taken_within=grace)
     lost = [w for w in waiting if (w[0], w[2]) not in held]
     for job_id, pipeline, stage, priority in lost:
         log.warning("re-sending %s/%s: the broker no longer holds its message", job_id, stage)
