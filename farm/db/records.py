@@ -266,8 +266,8 @@ def fail_stage(
     session: Session, job_id: str, stage: str, attempt: int | None, code: str, message: str
 ) -> None:
     """Fail the stage and its job with a stable code; nothing is retried after this."""
-    job = get_job(session, job_id, lock=True)
-    run = stage_run(session, job_id, stage, lock=True)
+    job = get_job(session, job_id, lock=True)  # stage records change under the job's lock
+    run = _run_of(job, stage)
     if attempt is not None and run.attempts != attempt:
         return  # a newer delivery owns the stage now
     run.status = StageStatus.FAILED

@@ -79,6 +79,15 @@ class Metadata:
         pipe.execute()
 
     @_mapped
+    def report_step(self, job_id: str, **fields: str | int | float) -> bool:
+        """Record progress and learn whether the job was cancelled, in one round trip
+        (a denoise loop calls this every step). Returns True if cancelled."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hset(keys.job_state(job_id), mapping={**fields, "updated": round(time.time(), 3)})
+        pipe.exists(keys.cancel_flag(job_id))
+        return bool(pipe.execute()[1])
+
+    @_mapped
     def state(self, job_id: str) -> dict[str, str]:
         return self.redis.hgetall(keys.job_state(job_id))
 

@@ -30,7 +30,7 @@ from farm.errors import (
     TransientError,
 )
 from farm.params import RenderParams
-from farm.pipelines import Pipeline, StageSpec, get_pipeline
+from farm.pipelines import StageSpec, get_pipeline
 from farm.storage import keys
 from farm.storage.codecs import decode_tensors, encode_tensors, sha256_hex
 from farm.tasks import faults
@@ -114,9 +114,13 @@ class StageRun:
         try:
             faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
             self._check_cancel()
+            spec = pipeline.stage(self.stage)
+            op = stage_ops.STAGES[spec.op]
             started = time.perf_counter()
-            output = self._run_op(pipeline, params, begin.job.input_key)
-            self._commit(pipeline, begin.job.priority, output, time.perf_counter() - started)
+            output = self._run_op(spec, op, params, begin.job.input_key)
+            self._commit(
+                op, pipeline.name, begin.job.priority, output, time.perf_counter() - started
+            )
             return "done"
         except JobCancelled:
             self._record_cancel()
@@ -170,9 +174,7 @@ class StageRun:
         send_stages(self.job_id, pipeline, lost, priority)
 
     # 2. load inputs, run the plain stage function
-    def _run_op(self, pipeline: Pipeline, params: RenderParams, input_key: str | None):
-        spec = pipeline.stage(self.stage)
-        op = stage_ops.STAGES[spec.op]
+    def _run_op(self, spec: StageSpec, op, params: RenderParams, input_key: str | None):
         inputs = self._load_inputs(spec, input_key)
         model = self._model() if op.needs_model else None
         return op.run(inputs, params, model, Hooks(self))
@@ -192,10 +194,8 @@ class StageRun:
         return load_model(self.ctx.settings.model, self.ctx.settings.data_dir)
 
     # 3. write the checkpoint, then commit the record (fenced), then enqueue what is next
-    def _commit(self, pipeline: Pipeline, priority: int, output, duration: float) -> None:
-        op = stage_ops.STAGES[pipeline.stage(self.stage).op]
-        if self.keeper and self.keeper.lost:
-            raise LeaseLost("another delivery took over this stage")
+    def _commit(self, op, pipeline: str, priority: int, output, duration: float) -> None:
+        self._check_lease()
         if op.output == "png":
             data, key = output, keys.artifact_key(self.job_id, self.stage, "png")
         else:
@@ -209,7 +209,7 @@ class StageRun:
         if nxt is None:
             raise LeaseLost("the record moved on while this delivery ran")
         if nxt:
-            send_stages(self.job_id, pipeline.name, nxt, priority)
+            send_stages(self.job_id, pipeline, nxt, priority)
             self._live("set_state", self.job_id, status="running", stage=nxt[0], step=0)
         else:
             self._live("finish", self.job_id, "done")
@@ -226,6 +226,9 @@ class StageRun:
     def _check_cancel(self) -> None:
         if self._live("is_cancelled", self.job_id):
             raise JobCancelled("cancelled by request")
+        self._check_lease()
+
+    def _check_lease(self) -> None:
         if self.keeper and self.keeper.lost:
             raise LeaseLost("another delivery took over this stage")
 
@@ -256,6 +259,7 @@ class Hooks:
 
     def on_step(self, step: int, total: int) -> None:
         run = self.run
-        run._live("set_state", run.job_id, stage=run.stage, step=step, steps=total)
+        if run._live("report_step", run.job_id, stage=run.stage, step=step, steps=total):
+            raise JobCancelled("cancelled by request")
         faults.maybe_inject(run.ctx.meta, run.job_id, run.stage, "step")
-        run._check_cancel()
+        run._check_lease()
