@@ -9,7 +9,6 @@ job.save("cat-out.png")
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -333,12 +332,6 @@ def _read_input(image: str | Path | bytes | None) -> tuple[bytes, str | None]:
 def _check_priority(priority: object) -> None:
     if isinstance(priority, bool) or not isinstance(priority, int) or not 0 <= priority <= 9:
         raise InvalidParameter(f"priority must be an integer from 0 to 9, got {priority!r}.")
-
-
-def idempotency_key(content_hash: str, pipeline: str, params: RenderParams, model: str) -> str:
-    """Same input bytes + same parameters + same model = the same render."""
-    text = f"{content_hash}|{pipeline}|{params.params_digest()}|{model}"
-    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def _job_info(row: JobRow) -> JobInfo:

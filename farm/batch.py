@@ -9,11 +9,14 @@ creates no duplicate job.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+import hashlib
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from sqlalchemy import func, select
 
@@ -35,6 +38,17 @@ if TYPE_CHECKING:
 
 CHUNK = 64
 UPLOAD_THREADS = 8
+# Inputs up to this size are packed, one object per chunk (at most CHUNK x this = 16 MiB):
+# per-object overhead, not bytes, is what a folder of small images costs the object store.
+PACK_LIMIT = 256 * 1024
+
+
+class Placement(NamedTuple):
+    """Where an input's bytes went: its own object, or a byte range of a packed one."""
+
+    key: str
+    offset: int | None = None
+    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -108,12 +122,13 @@ class FolderSubmission:
     priority: int
     batch_id: str = ""
     skipped: list[str] = field(default_factory=list)
+    _packs: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
 
     def run(self, folder: str | Path, recursive: bool) -> Batch:
         base = Path(folder).expanduser().resolve()
         files = scan_folder(base, recursive)
         with session_scope(self.farm.ctx.db_url) as s:
-            settings = {**self.params.to_dict(), "pipeline": self.pipeline.name}
+            settings = {**self._params, "pipeline": self.pipeline.name}
             self.batch_id = records.create_batch(s, str(base), settings).id
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             for chunk in _chunks(files, CHUNK):
@@ -130,9 +145,9 @@ class FolderSubmission:
         existing = self._existing(list(by_key))
         new = {key: f for key, f in by_key.items() if key not in existing}
         ids = {key: records.new_id() for key in new}
-        uploads = [(ids[k], f.data) for k, f in new.items() if f.data is not None]
-        list(pool.map(lambda item: self._upload(*item), uploads))
-        jobs = [self._new_job(ids[k], k, f) for k, f in new.items()]
+        readable = {ids[k]: f for k, f in new.items() if f.data is not None}
+        placed = self._upload_inputs(readable, pool)
+        jobs = [self._new_job(ids[k], k, f, placed.get(ids[k])) for k, f in new.items()]
         failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
         with session_scope(self.farm.ctx.db_url) as s:
             first = [spec.name for spec in self.pipeline.ready(())]
@@ -144,16 +159,25 @@ class FolderSubmission:
                 for job_id, stages in to_send
             }
         )
-        with app.producer_or_acquire() as producer:  # one connection for the whole chunk
+        # One broker connection for the chunk, its messages sent in one pipelined round trip.
+        # Should that fail, the jobs are recorded as queued: the reconciler sends them again.
+        with app.producer_or_acquire() as producer, producer.batch():
             for job_id, stages in to_send:
                 send_stages(job_id, self.pipeline.name, stages, self.priority, producer)
 
-    def _key(self, file: InputFile) -> str:
-        from farm.api import idempotency_key
+    @cached_property
+    def _params(self) -> dict:
+        return self.params.to_dict()
 
-        return idempotency_key(
-            file.content_hash, self.pipeline.name, self.params, self.farm.model_id
-        )
+    @cached_property
+    def _render_digest(self) -> str:
+        """Everything but the input that makes two renders the same."""
+        return f"{self.pipeline.name}|{self.params.params_digest()}|{self.farm.model_id}"
+
+    def _key(self, file: InputFile) -> str:
+        """Same input bytes + same parameters + same model = the same render."""
+        text = f"{file.content_hash}|{self._render_digest}"
+        return hashlib.sha256(text.encode()).hexdigest()
 
     def _existing(self, idem_keys: list[str]) -> dict[str, str]:
         query = select(JobRow.idempotency_key, JobRow.id).where(
@@ -162,17 +186,36 @@ class FolderSubmission:
         with session_scope(self.farm.ctx.db_url) as s:
             return dict(s.execute(query).all())
 
-    def _upload(self, job_id: str, data: bytes) -> None:
-        self.farm.ctx.store.put(keys.input_key(job_id), data)
+    def _upload_inputs(
+        self, files: dict[str, InputFile], pool: ThreadPoolExecutor
+    ) -> dict[str, Placement]:
+        """Upload a chunk's inputs (job id -> file): the small ones packed into one object,
+        each larger one on its own. Returns where each job's bytes are."""
+        small = {job_id: f for job_id, f in files.items() if len(f.data) <= PACK_LIMIT}
+        placed = {job_id: Placement(keys.input_key(job_id)) for job_id in files.keys() - small}
+        uploads = [(placed[job_id].key, files[job_id].data) for job_id in placed]
+        if small:
+            pack_key = keys.input_pack_key(self.batch_id, next(self._packs))
+            offset = 0
+            for job_id, file in small.items():
+                placed[job_id] = Placement(pack_key, offset, len(file.data))
+                offset += len(file.data)
+            uploads.append((pack_key, b"".join(file.data for file in small.values())))
+        list(pool.map(lambda upload: self.farm.ctx.store.put(*upload), uploads))
+        return placed
 
-    def _new_job(self, job_id: str, key: str, file: InputFile) -> records.NewJob:
+    def _new_job(
+        self, job_id: str, key: str, file: InputFile, placement: Placement | None
+    ) -> records.NewJob:
         return records.NewJob(
             pipeline=self.pipeline.name,
-            params=self.params.to_dict(),
+            params=self._params,
             priority=self.priority,
             batch_id=self.batch_id,
             input_name=file.name,
-            input_key=keys.input_key(job_id) if file.data is not None else None,
+            input_key=placement.key if placement else None,
+            input_offset=placement.offset if placement else None,
+            input_size=placement.size if placement else None,
             idempotency_key=key,
             job_id=job_id,
         )
@@ -204,6 +247,6 @@ def submit_folder(
     return FolderSubmission(farm, spec, render, priority).run(folder, recursive)
 
 
-def _chunks(items: list, size: int) -> Iterator[list]:
+def _chunks(items: Sequence, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start : start + size]

@@ -26,9 +26,10 @@ import hashlib
 import os
 import stat
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import overload
 
 from farm.errors import FarmError, InvalidImage, InvalidParameter
 
@@ -64,7 +65,31 @@ def _shown(name: str) -> str:
     return "".join("?" if unicodedata.category(char) == "Cc" else char for char in name)
 
 
-def scan_folder(root: str | Path, recursive: bool = False) -> list[InputFile]:
+class FolderListing(Sequence[InputFile]):
+    """A folder's image files, sorted by name. Only their relative names are held; each
+    ``InputFile`` is made when asked for, so a folder of many files costs memory for its names
+    alone (about 90 bytes a file rather than ~500 for a Path object and its parts)."""
+
+    def __init__(self, base: Path, names: list[str]) -> None:
+        self.base, self._names = base, names
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    @overload
+    def __getitem__(self, index: int) -> InputFile: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[InputFile]: ...
+    def __getitem__(self, index: int | slice) -> InputFile | list[InputFile]:
+        if isinstance(index, slice):
+            return [self._file(name) for name in self._names[index]]
+        return self._file(self._names[index])
+
+    def _file(self, name: str) -> InputFile:
+        return InputFile(display_name(name), self.base / name)
+
+
+def scan_folder(root: str | Path, recursive: bool = False) -> FolderListing:
     """Image files under ``root`` (by suffix), sorted by name; hidden files are skipped.
     Symlinked folders are not descended into."""
     base = Path(root).expanduser()
@@ -73,15 +98,12 @@ def scan_folder(root: str | Path, recursive: bool = False) -> list[InputFile]:
         raise InvalidParameter(f"{shown} is not a folder; give the path of a folder of images.")
     base = base.resolve()
     try:
-        found = [
-            InputFile(display_name(path.relative_to(base).as_posix()), path)
-            for path in _walk(base, recursive)
-        ]
+        names = [path.relative_to(base).as_posix() for path in _walk(base, recursive)]
     except OSError as exc:
         where = _shown(display_name(str(exc.filename or base)))
         message = f"Cannot list {where} ({exc.strerror}); check that you may read the folder."
         raise InvalidParameter(message) from None
-    return sorted(found, key=lambda f: f.name)
+    return FolderListing(base, sorted(names, key=display_name))
 
 
 def _walk(base: Path, recursive: bool) -> Iterator[Path]:

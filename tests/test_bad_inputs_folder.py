@@ -62,6 +62,7 @@ BAD: dict[str, tuple[str, str]] = {
 }
 IGNORED = ("album.png", ".hidden.png", "readme.txt", "pipe.fifo")  # not inputs at all
 KEY = re.compile(r"jobs/(?P<job>[0-9a-f]{32})/(input|[a-z0-9_]+\.(safetensors\.zst|png))")
+PACK = re.compile(r"batches/(?P<batch>[0-9a-f]{32})/inputs-[0-9]{6}")  # small inputs, packed
 
 
 def build_folder(root: Path) -> Path:
@@ -127,9 +128,11 @@ def where_found(farm, job: JobInfo) -> str:
     return WORKER
 
 
-def input_key(farm, job_id: str) -> str | None:
+def input_key(farm, job_id: str) -> tuple[str | None, str | None]:
+    """Where the job's input is, and its batch."""
     with session_scope(farm.ctx.db_url) as s:
-        return records.get_job(s, job_id).input_key
+        job = records.get_job(s, job_id)
+        return job.input_key, job.batch_id
 
 
 # -- the batch as a whole -------------------------------------------------------------------------
@@ -159,7 +162,7 @@ def test_bad_file_fails_with_its_code_where_expected(farm, rendered: Rendered, n
     assert where_found(farm, job) == where
     assert_one_human_sentence(job.error_message)
     if where == SUBMIT:  # refused before upload: nothing of it reached the store
-        assert input_key(farm, job.id) is None
+        assert input_key(farm, job.id)[0] is None
         assert list(farm.ctx.store.list(f"jobs/{job.id}/")) == []
 
 
@@ -168,10 +171,10 @@ def test_files_outside_the_folder_were_never_uploaded(farm, rendered: Rendered) 
     for name in ("passwd.png", "outside.png"):
         job = rendered.jobs[name]
         assert "outside the input folder" in job.error_message
-        assert input_key(farm, job.id) is None
-    for job in rendered.jobs.values():
-        key = input_key(farm, job.id)
-        assert key is None or farm.ctx.store.get(key) != passwd
+        assert input_key(farm, job.id)[0] is None
+    for job in rendered.jobs.values():  # not in any stored input, packed or not
+        key, _ = input_key(farm, job.id)
+        assert key is None or passwd not in farm.ctx.store.get(key)
 
 
 # -- good files with odd names ------------------------------------------------------------------
@@ -202,9 +205,12 @@ def test_names_that_are_not_utf8_or_hold_newlines_are_stored(rendered: Rendered)
 
 def test_object_keys_hold_only_job_ids_and_stage_names(farm, rendered: Rendered) -> None:
     for name, job in rendered.jobs.items():
-        key = input_key(farm, job.id)
-        expected = None if BAD.get(name, ("", WORKER))[1] == SUBMIT else f"jobs/{job.id}/input"
-        assert key == expected, name
+        key, batch_id = input_key(farm, job.id)
+        if BAD.get(name, ("", WORKER))[1] == SUBMIT:
+            assert key is None, name
+        else:  # its own object, or a range of its chunk's packed object: ids only either way
+            pack = PACK.fullmatch(key)
+            assert key == f"jobs/{job.id}/input" or (pack and pack["batch"] == batch_id), name
         written = list(farm.ctx.store.list(f"jobs/{job.id}/"))
         written += [s.artifact_key for s in farm.get(job.id).stages() if s.artifact_key]
         written += [job.output_key] if job.output_key else []

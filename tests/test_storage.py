@@ -89,6 +89,15 @@ class TestArtifactStore:
         assert store.get(prefix + "blob") == data
         assert store.size(prefix + "blob") == len(data)
 
+    def test_get_range_reads_part_of_an_object(self, store: ArtifactStore, prefix: str) -> None:
+        store.put(prefix + "packed", b"0123456789")
+        assert store.get_range(prefix + "packed", 3, 4) == b"3456"
+        assert store.get_range(prefix + "packed", 0, 10) == b"0123456789"
+        with pytest.raises(ArtifactMissing, match="holds 2 of the 4 bytes"):
+            store.get_range(prefix + "packed", 8, 4)  # the object is shorter than recorded
+        with pytest.raises(ArtifactMissing):
+            store.get_range(prefix + "absent", 0, 1)
+
     def test_put_overwrites(self, store: ArtifactStore, prefix: str) -> None:
         store.put(prefix + "k", b"first, longer value")
         store.put(prefix + "k", b"second")

@@ -96,6 +96,9 @@ class Job(Base):
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
     input_name: Mapped[str | None] = mapped_column(Text)  # the user's file name: metadata only
     input_key: Mapped[str | None] = mapped_column(Text)
+    # Set when the input shares a packed object with others (folder submits): its byte range.
+    input_offset: Mapped[int | None] = mapped_column(Integer)
+    input_size: Mapped[int | None] = mapped_column(Integer)
     output_key: Mapped[str | None] = mapped_column(Text)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)

@@ -11,9 +11,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session, joinedload
-from sqlalchemy.orm.attributes import set_committed_value
 
 from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageRun, StageStatus
 from farm.errors import FarmError, JobNotFound
@@ -36,6 +35,8 @@ class NewJob:
     input_key: str | None = None
     idempotency_key: str | None = None
     job_id: str | None = None
+    input_offset: int | None = None  # a packed input's byte range in ``input_key``
+    input_size: int | None = None
 
 
 def create_batch(session: Session, source: str | None, params: dict) -> Batch:
@@ -101,6 +102,8 @@ def _job_row(new: NewJob, error: FarmError | None, now: datetime) -> dict:
         "batch_id": new.batch_id,
         "input_name": new.input_name,
         "input_key": new.input_key,
+        "input_offset": new.input_offset,
+        "input_size": new.input_size,
         "idempotency_key": new.idempotency_key,
         "error_code": error.code if error else None,
         "error_message": error.message if error else None,
@@ -165,43 +168,100 @@ def mark_queued(session: Session, job: Job, stages: list[str]) -> None:
 
 
 @dataclass(frozen=True)
+class JobRow:
+    """What a stage delivery needs to know of its job."""
+
+    id: str
+    pipeline: str
+    params: dict
+    status: str
+    priority: int
+    input_key: str | None
+    input_offset: int | None
+    input_size: int | None
+
+    def read_input(self, store) -> bytes | None:
+        """The submitted input's bytes (None for pipelines that take none)."""
+        if self.input_key is None:
+            return None
+        if self.input_size is None:
+            return store.get(self.input_key)
+        return store.get_range(self.input_key, self.input_offset or 0, self.input_size)
+
+
+@dataclass(frozen=True)
 class Begin:
     """The outcome of trying to start a stage delivery."""
 
     action: str  # "run", "skip" (done / job over), or "crashed" (poison guard tripped)
     attempt: int = 0
-    job: Job | None = None
+    job: JobRow | None = None
+
+
+# Begin and complete run on every stage, so they are Core statements on the tables (they
+# also accept an ORM Session): the ORM's identity map and flush cost more than the SQL.
+_jobs, _runs = Job.__table__, StageRun.__table__
+_JOB_COLUMNS = tuple(_jobs.c[name] for name in JobRow.__dataclass_fields__)
 
 
 def begin_stage(
-    session: Session, job_id: str, stage: str, worker: str, max_lost: int, retry: bool = False
+    conn: Connection | Session,
+    job_id: str,
+    stage: str,
+    worker: str,
+    max_lost: int,
+    retry: bool = False,
 ) -> Begin:
     """Take the stage for this delivery (attempt + 1) unless it is done or the job is over.
     ``retry``: this delivery is Celery's retry after a transient fault, not a redelivery."""
-    job = get_job(session, job_id, lock=True)  # stage records change under the job's lock
-    run = _run_of(job, stage)
-    if run.status == StageStatus.DONE or job.status in TERMINAL:
+    row = conn.execute(
+        select(
+            *_JOB_COLUMNS, _runs.c.status.label("run_status"), _runs.c.attempts, _runs.c.lost_runs
+        )
+        .join_from(_jobs, _runs, (_runs.c.job_id == _jobs.c.id) & (_runs.c.stage == stage))
+        .where(_jobs.c.id == job_id)
+        .with_for_update(of=_jobs)  # stage records change under the job's lock
+    ).one_or_none()
+    if row is None:
+        raise JobNotFound(f"No job with id {job_id!r} (or it has no stage {stage!r}).")
+    job = JobRow(*row[: len(_JOB_COLUMNS)])
+    if row.run_status == StageStatus.DONE or job.status in TERMINAL:
         return Begin("skip", job=job)
-    if run.status == StageStatus.RUNNING and not retry:
-        # The previous delivery started and never finished: its worker died.
-        run.lost_runs += 1
-    if run.lost_runs >= max_lost:
-        return Begin("crashed", attempt=run.attempts, job=job)
-    run.attempts += 1
-    run.status = StageStatus.RUNNING
-    run.worker = worker
-    run.started_at = run.heartbeat_at = func.now()
-    run.finished_at = run.duration_s = None
-    job.status = JobStatus.RUNNING
-    job.current_stage = stage
-    job.started_at = job.started_at or func.now()
-    return Begin("run", attempt=run.attempts, job=job)
+    lost = row.lost_runs
+    if row.run_status == StageStatus.RUNNING and not retry:
+        lost += 1  # the previous delivery started and never finished: its worker died
+    if lost >= max_lost:
+        conn.execute(update(_runs).where(_stage_is(job_id, stage)).values(lost_runs=lost))
+        return Begin("crashed", attempt=row.attempts, job=job)
+    attempt = row.attempts + 1
+    conn.execute(
+        update(_runs)
+        .where(_stage_is(job_id, stage))
+        .values(
+            status=StageStatus.RUNNING,
+            attempts=attempt,
+            lost_runs=lost,
+            worker=worker,
+            started_at=func.now(),
+            heartbeat_at=func.now(),
+            finished_at=None,
+            duration_s=None,
+        )
+    )
+    _update_job(
+        conn,
+        job_id,
+        status=JobStatus.RUNNING,
+        current_stage=stage,
+        started_at=func.coalesce(_jobs.c.started_at, func.now()),
+    )
+    return Begin("run", attempt=attempt, job=job)
 
 
-def heartbeat(session: Session, job_id: str, stage: str, attempt: int) -> bool:
+def heartbeat(session: Connection | Session, job_id: str, stage: str, attempt: int) -> bool:
     """Extend the stage's liveness; False when another delivery has taken it over."""
     result = session.execute(
-        update(StageRun).where(_fenced(job_id, stage, attempt)).values(heartbeat_at=func.now())
+        update(_runs).where(_fenced(job_id, stage, attempt)).values(heartbeat_at=func.now())
     )
     return result.rowcount == 1
 
@@ -217,13 +277,20 @@ class Checkpoint:
 
 
 def complete_stage(
-    session: Session, job_id: str, stage: str, attempt: int, checkpoint: Checkpoint
+    conn: Connection | Session, job_id: str, stage: str, attempt: int, checkpoint: Checkpoint
 ) -> list[str] | None:
     """Commit the stage as done; return the stages to enqueue next ([] when the job finished),
     or None when this delivery no longer holds the stage (fenced out) or the job was stopped."""
-    job = get_job(session, job_id, lock=True)
-    result = session.execute(
-        update(StageRun)
+    rows = conn.execute(
+        select(_jobs.c.status, _jobs.c.pipeline, _runs.c.stage, _runs.c.status)
+        .join_from(_jobs, _runs, _runs.c.job_id == _jobs.c.id)
+        .where(_jobs.c.id == job_id)
+        .with_for_update(of=_jobs)
+    ).all()
+    if not rows:
+        raise JobNotFound(f"No job with id {job_id!r}.")
+    result = conn.execute(
+        update(_runs)
         .where(_fenced(job_id, stage, attempt))
         .values(
             status=StageStatus.DONE,
@@ -236,29 +303,41 @@ def complete_stage(
             error_message=None,
         )
     )
-    if result.rowcount != 1:
-        return None
-    # Mirror what the UPDATE wrote without making the ORM write it again.
-    set_committed_value(_run_of(job, stage), "status", StageStatus.DONE)
-    if job.status in TERMINAL:
-        return None  # cancelled while this stage ran: keep its checkpoint, go no further
-    return _advance(session, job, get_pipeline(job.pipeline), checkpoint.key)
+    job_status, pipeline = rows[0][0], get_pipeline(rows[0][1])
+    if result.rowcount != 1 or job_status in TERMINAL:
+        return None  # fenced out, or cancelled while it ran: keep its checkpoint, go no further
+    statuses = {run_stage: status for _, _, run_stage, status in rows}
+    statuses[stage] = StageStatus.DONE
+    return _advance(conn, job_id, pipeline, statuses, checkpoint.key)
 
 
-def _advance(session: Session, job: Job, pipeline: Pipeline, last_key: str) -> list[str]:
-    done = done_stages(job)
+def _advance(
+    conn: Connection | Session, job_id: str, pipeline: Pipeline, statuses: dict, last_key: str
+) -> list[str]:
+    done = {name for name, status in statuses.items() if status == StageStatus.DONE}
     if len(done) == len(pipeline.stages):
-        job.status = JobStatus.DONE
-        job.output_key = last_key
-        job.current_stage = None
-        job.finished_at = func.now()
+        _update_job(
+            conn,
+            job_id,
+            status=JobStatus.DONE,
+            output_key=last_key,
+            current_stage=None,
+            finished_at=func.now(),
+        )
         return []
-    ready = [s.name for s in pipeline.ready(done)]
-    queued_or_running = {
-        r.stage for r in job.stage_runs if r.status in (StageStatus.QUEUED, StageStatus.RUNNING)
-    }
-    to_send = [name for name in ready if name not in queued_or_running]
-    mark_queued(session, job, to_send)
+    waiting = (StageStatus.QUEUED, StageStatus.RUNNING)
+    to_send = [s.name for s in pipeline.ready(done) if statuses[s.name] not in waiting]
+    if to_send:
+        conn.execute(
+            update(_runs)
+            .where(_runs.c.job_id == job_id, _runs.c.stage.in_(to_send))
+            .values(
+                status=StageStatus.QUEUED,
+                queued_at=func.now(),
+                error_code=None,
+                error_message=None,
+            )
+        )
     return to_send
 
 
@@ -282,7 +361,7 @@ def fail_stage(
 def requeue_stage(session: Session, job_id: str, stage: str, attempt: int, reason: str) -> None:
     """A transient fault: the stage goes back to queued and its retry message is on the way."""
     session.execute(
-        update(StageRun)
+        update(_runs)
         .where(_fenced(job_id, stage, attempt))
         .values(
             status=StageStatus.QUEUED,
@@ -295,7 +374,7 @@ def requeue_stage(session: Session, job_id: str, stage: str, attempt: int, reaso
 
 def cancel_stage(session: Session, job_id: str, stage: str, attempt: int) -> None:
     session.execute(
-        update(StageRun)
+        update(_runs)
         .where(_fenced(job_id, stage, attempt))
         .values(status=StageStatus.CANCELLED, finished_at=func.now())
     )
@@ -355,12 +434,19 @@ def _jobs_by_id(session: Session, job_ids: list[str]) -> dict[str, Job]:
     return {job.id: job for job in session.scalars(select(Job).where(Job.id.in_(job_ids)))}
 
 
+def _update_job(conn: Connection | Session, job_id: str, **values) -> None:
+    conn.execute(update(_jobs).where(_jobs.c.id == job_id).values(**values))
+
+
+def _stage_is(job_id: str, stage: str):
+    return (_runs.c.job_id == job_id) & (_runs.c.stage == stage)
+
+
 def _fenced(job_id: str, stage: str, attempt: int):
     return (
-        (StageRun.job_id == job_id)
-        & (StageRun.stage == stage)
-        & (StageRun.attempts == attempt)
-        & (StageRun.status == StageStatus.RUNNING)
+        _stage_is(job_id, stage)
+        & (_runs.c.attempts == attempt)
+        & (_runs.c.status == StageStatus.RUNNING)
     )
 
 

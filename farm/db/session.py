@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -38,21 +38,36 @@ def get_engine(url: str) -> Engine:
 
 @contextmanager
 def session_scope(url: str) -> Iterator[Session]:
-    """A transaction: committed on success, rolled back on error."""
+    """An ORM transaction: committed on success, rolled back on error."""
     get_engine(url)
     session = _factories[url]()
     try:
-        yield session
-        session.commit()
-    except _TRANSIENT as exc:
-        session.rollback()
-        reason = type(getattr(exc, "orig", None) or exc).__name__
-        raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
+        with _unreachable_is_transient():
+            yield session
+            session.commit()
     except BaseException:
         session.rollback()
         raise
     finally:
         session.close()
+
+
+@contextmanager
+def transaction(url: str) -> Iterator[Connection]:
+    """A Core transaction, without the ORM's unit of work: what a stage's hot path uses
+    (begin and complete run on every stage, and the ORM's bookkeeping would cost more
+    CPU than the statements themselves)."""
+    with _unreachable_is_transient(), get_engine(url).begin() as conn:
+        yield conn
+
+
+@contextmanager
+def _unreachable_is_transient() -> Iterator[None]:
+    try:
+        yield
+    except _TRANSIENT as exc:
+        reason = type(getattr(exc, "orig", None) or exc).__name__
+        raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
 
 
 def dispose_engines() -> None:

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
+from farm.errors import ArtifactMissing
+
 # S3's limit on a key's UTF-8 length; the file system store keeps it too so keys stay portable.
 MAX_KEY_BYTES = 1024
 
@@ -36,6 +38,11 @@ class ArtifactStore(Protocol):
 
     def get(self, key: str) -> bytes:
         """The object's bytes; ``ArtifactMissing`` if there is none."""
+        ...
+
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        """``size`` bytes of the object from ``offset``; ``ArtifactMissing`` if there is none
+        or it is shorter than that."""
         ...
 
     def exists(self, key: str) -> bool:
@@ -104,3 +111,11 @@ def _check_chars(key: str) -> None:
         raise ValueError(f"artifact key {key!r} is not valid Unicode") from None
     if len(encoded) > MAX_KEY_BYTES:
         raise ValueError(f"artifact key is longer than {MAX_KEY_BYTES} bytes")
+
+
+def check_range(key: str, data: bytes, size: int) -> bytes:
+    """A range read must return exactly what was asked for: a shorter object is not the one
+    the record points to."""
+    if len(data) != size:
+        raise ArtifactMissing(f"artifact {key!r} holds {len(data)} of the {size} bytes recorded")
+    return data

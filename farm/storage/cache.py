@@ -42,6 +42,9 @@ class CachedStore:
                 return data
         return self.store.get(key)
 
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        return self.store.get_range(key, offset, size)  # packed inputs: read once, not cached
+
     def delete(self, key: str) -> None:
         self._forget(key)
         self.store.delete(key)

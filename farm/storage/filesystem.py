@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from farm.errors import ArtifactMissing, FarmError, StorageError
-from farm.storage.base import validate_key, validate_prefix
+from farm.storage.base import check_range, validate_key, validate_prefix
 
 # Temporary files start with this; list() hides them and keys may not use the name.
 TMP_PREFIX = ".farm-tmp-"
@@ -51,6 +51,13 @@ class FilesystemStore:
         path = self._path(key)
         with _boundary(key), _missing_as(key):
             return path.read_bytes()
+
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        path = self._path(key)
+        with _boundary(key), _missing_as(key), open(path, "rb") as file:
+            file.seek(offset)
+            data = file.read(size)
+        return check_range(key, data, size)
 
     def exists(self, key: str) -> bool:
         path = self._path(key)

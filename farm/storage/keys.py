@@ -21,6 +21,15 @@ def input_key(job_id: str) -> str:
     return f"{job_prefix(job_id)}input"
 
 
+BATCHES_PREFIX = "batches/"
+
+
+def input_pack_key(batch_id: str, pack: int) -> str:
+    """Small inputs of a folder submit, packed into one object per chunk: one upload for many
+    files. Each job records where its bytes are (``jobs.input_offset``, ``input_size``)."""
+    return f"{BATCHES_PREFIX}{batch_id}/inputs-{pack:06d}"
+
+
 def artifact_key(job_id: str, stage: str, ext: str = "safetensors.zst") -> str:
     """The checkpoint a stage writes; deterministic so a redelivered stage overwrites itself."""
     return f"{job_prefix(job_id)}{stage}.{ext}"

@@ -26,7 +26,7 @@ from botocore.exceptions import (
 )
 
 from farm.errors import ArtifactMissing, FarmError, StorageError
-from farm.storage.base import validate_key, validate_prefix
+from farm.storage.base import check_range, validate_key, validate_prefix
 
 if TYPE_CHECKING:
     from datetime import datetime
@@ -139,6 +139,15 @@ class S3Store:
         with self._boundary(key):
             response = self._client().get_object(Bucket=self.bucket, Key=key)
             return response["Body"].read()
+
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        validate_key(key)
+        with self._boundary(key):
+            response = self._client().get_object(
+                Bucket=self.bucket, Key=key, Range=f"bytes={offset}-{offset + size - 1}"
+            )
+            data = response["Body"].read()
+        return check_range(key, data, size)
 
     def exists(self, key: str) -> bool:
         try:

@@ -2,8 +2,9 @@
 
 A submitter uploads an input before it commits the job's record (so a record never points to
 a missing input); if it dies in between, the upload has no owner. ``sweep`` deletes every
-``jobs/<id>/`` prefix whose job id has no record and whose objects are older than a grace
-period (a submitter may be about to commit right now), and aborts stale multipart uploads.
+``jobs/<id>/`` prefix whose job id has no record, and every packed-input object
+(``batches/<id>/inputs-N``) no job points to, once older than a grace period (a submitter may
+be about to commit right now), and aborts stale multipart uploads.
 """
 
 from __future__ import annotations
@@ -41,15 +42,32 @@ def orphaned_jobs(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> dict[str, l
     }
 
 
+def orphaned_packs(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> list[str]:
+    """Packed-input objects (folder submits) that no job points to, older than ``grace_s``."""
+    store = ctx.store
+    found = list(store.list(keys.BATCHES_PREFIX))
+    if not found:
+        return []
+    with session_scope(ctx.db_url) as s:
+        used = set(s.scalars(select(Job.input_key).where(Job.input_key.in_(found)).distinct()))
+    cutoff = time.time() - grace_s
+    return [key for key in found if key not in used and store.modified(key) < cutoff]
+
+
 def sweep(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> int:
     """Delete orphaned artifacts and stale unfinished uploads; returns objects deleted."""
     deleted = 0
     for job_id in orphaned_jobs(ctx, grace_s):
         deleted += ctx.store.delete_prefix(keys.job_prefix(job_id))
         log.info("removed orphaned artifacts of %s", job_id)
+    for key in orphaned_packs(ctx, grace_s):
+        ctx.store.delete(key)
+        deleted += 1
+        log.info("removed orphaned input pack %s", key)
     abort = getattr(ctx.store, "abort_incomplete_uploads", None)
     if abort is not None:
-        abort(keys.JOBS_PREFIX, older_than=grace_s)
+        for prefix in (keys.JOBS_PREFIX, keys.BATCHES_PREFIX):
+            abort(prefix, older_than=grace_s)
     return deleted
 
 
