@@ -20,7 +20,7 @@ import sqlalchemy.exc
 from farm import stages as stage_ops
 from farm.db import records
 from farm.db.models import JobStatus
-from farm.db.session import session_scope
+from farm.db.session import session_scope, transaction
 from farm.errors import (
     FarmError,
     JobCancelled,
@@ -71,8 +71,8 @@ class LeaseKeeper(threading.Thread):
 
     def _renew(self, ttl: float) -> None:
         held = self.ctx.meta.renew_lease(self.job_id, self.stage, self.token, ttl)
-        with session_scope(self.ctx.db_url) as s:
-            ours = records.heartbeat(s, self.job_id, self.stage, self.attempt)
+        with transaction(self.ctx.db_url) as conn:
+            ours = records.heartbeat(conn, self.job_id, self.stage, self.attempt)
         if not (held and ours):
             self.lost = True
 
@@ -81,16 +81,34 @@ class LeaseKeeper(threading.Thread):
 
 
 class StageRun:
-    """One delivery of one (job, stage)."""
+    """One delivery of one (job, stage).
+
+    ``serves``: the queue of the worker running it. A next stage on that same queue is not
+    sent through the broker but left in ``continue_with`` for this worker to run straight
+    away (encode -> noise -> denoise -> decode stay in one GPU process, and a job finishes
+    before the next one starts rather than all jobs advancing a stage at a time). It is
+    recorded as queued like any other, so every guarantee of a separate delivery holds: its
+    own lease, attempt, checkpoint and record, and a dead worker's stage is found by its
+    stale heartbeat and sent again.
+    """
 
     def __init__(
-        self, ctx: Context, job_id: str, stage: str, worker: str, retry: bool = False
+        self,
+        ctx: Context,
+        job_id: str,
+        stage: str,
+        worker: str,
+        retry: bool = False,
+        serves: str | None = None,
     ) -> None:
         self.ctx, self.job_id, self.stage, self.worker = ctx, job_id, stage, worker
         self.retry = retry  # Celery's retry after a transient fault, not a redelivery
+        self.serves = serves
         self.token = uuid.uuid4().hex
         self.attempt: int | None = None
         self.keeper: LeaseKeeper | None = None
+        self.continue_with: str | None = None
+        self._cancelled = False
 
     def execute(self) -> str:
         """Run the stage unless it is done, taken, or its job is over. Returns what happened."""
@@ -113,11 +131,13 @@ class StageRun:
         params = RenderParams.from_dict(begin.job.params)
         try:
             faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
-            self._check_cancel()
+            if self._cancelled:
+                raise JobCancelled("cancelled by request")
+            self._check_lease()
             spec = pipeline.stage(self.stage)
             op = stage_ops.STAGES[spec.op]
             started = time.perf_counter()
-            output = self._run_op(spec, op, params, begin.job.input_key)
+            output = self._run_op(spec, op, params, begin.job)
             self._commit(
                 op, pipeline.name, begin.job.priority, output, time.perf_counter() - started
             )
@@ -144,10 +164,10 @@ class StageRun:
 
     # 1. take the stage in Postgres (attempt + 1), start heartbeating
     def _begin(self) -> records.Begin:
-        with session_scope(self.ctx.db_url) as s:
+        with transaction(self.ctx.db_url) as conn:
             max_lost = self.ctx.settings.max_deliveries
             begin = records.begin_stage(
-                s, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
+                conn, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
             )
         if begin.action == "crashed":
             crash = StageCrashed(
@@ -160,7 +180,7 @@ class StageRun:
             self.attempt = begin.attempt
             self.keeper = LeaseKeeper(self.ctx, self.job_id, self.stage, self.token, begin.attempt)
             self.keeper.start()
-            self._live("set_state", self.job_id, status="running", stage=self.stage, step=0)
+            self._cancelled = bool(self._live("start_stage", self.job_id, self.stage))
         return begin
 
     def _resend_lost(self) -> None:
@@ -174,15 +194,15 @@ class StageRun:
         send_stages(self.job_id, pipeline, lost, priority)
 
     # 2. load inputs, run the plain stage function
-    def _run_op(self, spec: StageSpec, op, params: RenderParams, input_key: str | None):
-        inputs = self._load_inputs(spec, input_key)
+    def _run_op(self, spec: StageSpec, op, params: RenderParams, job: records.JobRow):
+        inputs = self._load_inputs(spec, job)
         model = self._model() if op.needs_model else None
         return op.run(inputs, params, model, Hooks(self))
 
-    def _load_inputs(self, spec: StageSpec, input_key: str | None):
+    def _load_inputs(self, spec: StageSpec, job: records.JobRow):
         store = self.ctx.store
         if not spec.after:
-            return store.get(input_key) if input_key else None
+            return job.read_input(store)
         merged: dict = {}
         for dep in spec.after:
             merged.update(decode_tensors(store.get(keys.artifact_key(self.job_id, dep))))
@@ -204,15 +224,18 @@ class StageRun:
         self.ctx.store.put(key, data)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "commit")
         checkpoint = records.Checkpoint(key, len(data), sha256_hex(data), duration)
-        with session_scope(self.ctx.db_url) as s:
-            nxt = records.complete_stage(s, self.job_id, self.stage, self.attempt, checkpoint)
+        with transaction(self.ctx.db_url) as conn:
+            nxt = records.complete_stage(conn, self.job_id, self.stage, self.attempt, checkpoint)
         if nxt is None:
             raise LeaseLost("the record moved on while this delivery ran")
-        if nxt:
-            send_stages(self.job_id, pipeline, nxt, priority)
-            self._live("set_state", self.job_id, status="running", stage=nxt[0], step=0)
-        else:
+        if not nxt:
             self._live("finish", self.job_id, "done")
+            return
+        spec = get_pipeline(pipeline).stage
+        self.continue_with = next((s for s in nxt if spec(s).queue == self.serves), None)
+        send_stages(self.job_id, pipeline, [s for s in nxt if s != self.continue_with], priority)
+        if not self.continue_with:  # a continued stage publishes its own start
+            self._live("set_state", self.job_id, status="running", stage=nxt[0], step=0)
 
     def _live(self, method: str, *args, **kwargs):
         """Live metadata is best-effort: Redis holds nothing Postgres cannot rebuild, so a
@@ -222,11 +245,6 @@ class StageRun:
         except MetadataError as exc:
             log.debug("live metadata skipped (%s): %s", method, exc)
             return None
-
-    def _check_cancel(self) -> None:
-        if self._live("is_cancelled", self.job_id):
-            raise JobCancelled("cancelled by request")
-        self._check_lease()
 
     def _check_lease(self) -> None:
         if self.keeper and self.keeper.lost:
