@@ -149,7 +149,7 @@ def child(side: str, folder: Path, profile: bool) -> dict:
     settings = Settings.from_env()
     submit = _farm_submitter(settings) if side == "farm" else _bare_submitter(settings)
     rss_before = _status_kib("VmRSS")
-    profiler = cProfile.Profile() if profile else None
+    profiler = cProfile.Profile(time.process_time) if profile else None
     started = time.perf_counter()
     if profiler:
         profiler.enable()

@@ -141,6 +141,7 @@ def summarise(farm: Farm, farm_run: dict, baseline_runs: list[dict]) -> dict:
             "cpu_s_per_image": farm_run["cpu_s"] / farm_run["images"],
             "statuses": statuses(farm.ctx.db_url, ids),
             "stage_duration_ms_median": stage_durations(farm, ids),
+            "gpu_worker_ms_per_image": gpu_time_account(farm, ids),
         },
         "baseline": {
             "images_per_s": base_ips,
@@ -166,6 +167,27 @@ def stage_durations(farm: Farm, ids: list[str]) -> dict[str, float]:
         if duration is not None:
             by_stage.setdefault(stage, []).append(1000 * duration)
     return {stage: statistics.median(values) for stage, values in by_stage.items()}
+
+
+def gpu_time_account(farm: Farm, ids: list[str]) -> dict[str, float]:
+    """Where the gpu-queue worker's time went, per image, from the stage records (database
+    clock): the stage functions with their input reads (``duration_s``); the rest of each
+    stage's record span (begin, checkpoint upload, commit); and the time between stages."""
+    query = select(StageRun.started_at, StageRun.finished_at, StageRun.duration_s).where(
+        StageRun.job_id.in_(ids), StageRun.queue == "gpu"
+    )
+    with session_scope(farm.ctx.db_url) as s:
+        rows = s.execute(query).all()
+    busy = (max(r.finished_at for r in rows) - min(r.started_at for r in rows)).total_seconds()
+    spans = sum((r.finished_at - r.started_at).total_seconds() for r in rows)
+    stage_fn = sum(r.duration_s for r in rows)
+    per_image = 1000 / len(ids)
+    return {
+        "stage_functions": stage_fn * per_image,
+        "checkpoint_and_records": (spans - stage_fn) * per_image,
+        "between_stages": (busy - spans) * per_image,
+        "first_start_to_last_finish": busy * per_image,
+    }
 
 
 def identical_outputs(jobs: list, reference: dict[int, bytes]) -> str:

@@ -1,7 +1,7 @@
 """A stopwatch per category of calls, installed by swapping attributes for timed wrappers.
 
 The benchmarks use it to say where the farm's time goes without editing farm/: a wrapper
-around the store's put, the runner's ``session_scope``, a Redis client's ``execute_command``...
+around the store's put, the runner's database transactions, a Redis client's commands...
 """
 
 from __future__ import annotations

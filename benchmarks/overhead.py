@@ -142,7 +142,10 @@ def summarise(events: TaskEvents, rounds: list[Round], latency: list[Round], far
 
     sides = ("farm", "bare")
     throughput = {side: jobs_per_s(of(rounds, side)) for side in sides}
-    spans = {side: _p50_p95(stage_spans(events, of(latency, side))) for side in sides}
+    spans = {
+        "farm": _p50_p95(record_spans(farm, of(latency, "farm"))),
+        "bare": _p50_p95(stage_spans(events, of(latency, "bare"))),
+    }
     cpu_ms = {side: cpu_ms_per_job(of(rounds, side)) for side in sides}
     jobs_ratio = ratio(throughput["farm"], throughput["bare"])
     return {
@@ -154,7 +157,9 @@ def summarise(events: TaskEvents, rounds: list[Round], latency: list[Round], far
             **spans,
             "overhead": {q: spans["farm"][q] - spans["bare"][q] for q in ("p50", "p95")},
         },
+        # a farm delivery runs its stage and any next ones on the same queue (noop2-5: one)
         "task_runtime_ms": {s: _p50_p95(task_runtimes(events, of(rounds, s))) for s in sides},
+        "broker_messages_per_job": {s: messages_per_job(events, of(rounds, s)) for s in sides},
         "cpu_ms_per_job": cpu_ms,
         "cpu_ms_per_job_by_process": {s: cpu_by_process(of(rounds, s)) for s in sides},
         # unloaded, submit to done: the submit call itself plus six hops and six tasks
@@ -212,6 +217,30 @@ def stage_spans(events: TaskEvents, rounds: list[Round]) -> list[float]:
         for before, after in itertools.pairwise(names):
             spans.append(1000 * (stages[after].succeeded - stages[before].succeeded))
     return spans
+
+
+def record_spans(farm: Farm, rounds: list[Round]) -> list[float]:
+    """The same spans from the farm's own records (a stage that continued in the worker
+    that ran the one before it sends no task event): ms between consecutive stages'
+    ``finished_at``."""
+    ids = [tag for r in rounds for tag in r.tags]
+    query = (
+        select(StageRun.job_id, StageRun.finished_at)
+        .where(StageRun.job_id.in_(ids))
+        .order_by(StageRun.job_id, StageRun.position)
+    )
+    with session_scope(farm.ctx.db_url) as s:
+        rows = s.execute(query).all()
+    spans = []
+    for _, group in itertools.groupby(rows, key=lambda row: row.job_id):
+        finished = [row.finished_at for row in group]
+        spans += [1000 * (b - a).total_seconds() for a, b in itertools.pairwise(finished)]
+    return spans
+
+
+def messages_per_job(events: TaskEvents, rounds: list[Round]) -> float:
+    tags = {tag for r in rounds for tag in r.tags}
+    return len(events.select(tags)) / len(tags)
 
 
 def task_runtimes(events: TaskEvents, rounds: list[Round]) -> list[float]:

@@ -3,8 +3,8 @@ kind of I/O the wrapper does.
 
 The stage wrapper (farm.tasks.runner.StageRun) is run exactly as a worker runs it, but here, so
 its calls can be timed without touching farm/: the artifact store's get/put, each Postgres
-transaction (``session_scope`` as the runner uses it), each Redis command, and the broker send
-of the next stage. What is left is Python in the wrapper itself (codecs, ORM, lease thread).
+transaction, each Redis round trip (a pipeline counts once) and the broker send of the next
+stage. What is left is Python in the wrapper itself (codecs, SQL building, lease thread).
 Run it while no worker consumes the queues: the next-stage messages it sends are purged after.
 
 It uses the API's context, which reads every input from the store. A worker's context keeps a
@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 
+import redis
 from sqlalchemy import event
 
 from benchmarks.meter import Meter, swap
@@ -30,7 +31,7 @@ from farm.tasks.app import app
 from farm.tasks.runner import StageRun
 
 WORKER_NAME = "bench-inprocess@local"
-TIMED = ("artifact get", "artifact put", "postgres txn", "broker send", "redis command")
+TIMED = ("artifact get", "artifact put", "postgres txn", "broker send", "redis round trip")
 
 
 @contextmanager
@@ -40,11 +41,13 @@ def patched(meter: Meter, farm: Farm) -> Iterator[None]:
     with ExitStack() as undo:
         swap(undo, type(store), "get", meter.timed("artifact get", type(store).get))
         swap(undo, type(store), "put", meter.timed("artifact put", type(store).put))
-        scope = meter.timed_scope("postgres txn", runner.session_scope)
-        swap(undo, runner, "session_scope", scope)
+        for name in ("transaction", "session_scope"):
+            swap(undo, runner, name, meter.timed_scope("postgres txn", getattr(runner, name)))
         swap(undo, runner, "send_stages", meter.timed("broker send", runner.send_stages))
         swap(undo, redis_client, "execute_command",
-              meter.timed("redis command", redis_client.execute_command))  # fmt: skip
+              meter.timed("redis round trip", redis_client.execute_command))  # fmt: skip
+        pipeline = redis.client.Pipeline  # several commands, one round trip
+        swap(undo, pipeline, "execute", meter.timed("redis round trip", pipeline.execute))
         engine = get_engine(farm.ctx.db_url)
         event.listen(engine, "before_cursor_execute", meter.count_statement)
         undo.callback(event.remove, engine, "before_cursor_execute", meter.count_statement)
