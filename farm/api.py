@@ -22,7 +22,7 @@ from farm.config import Settings
 from farm.db import records
 from farm.db.models import TERMINAL, JobStatus
 from farm.db.models import Job as JobRow
-from farm.db.session import session_scope
+from farm.db.session import session_scope, transaction
 from farm.errors import FarmError, InvalidParameter, is_input_error
 from farm.inputs import check_bytes, display_name, read_image_bytes
 from farm.params import RenderParams
@@ -205,11 +205,10 @@ class Farm:
         return self._record_and_send(new)
 
     def _record_and_send(self, new: records.NewJob) -> Job:
-        with session_scope(self.ctx.db_url) as s:
-            job = records.create_job(s, new)
-            s.flush()
-            first = [spec.name for spec in get_pipeline(new.pipeline).ready(())]
-            records.mark_queued(s, job, first)
+        pipeline = get_pipeline(new.pipeline)
+        first = [spec.name for spec in pipeline.ready(())]
+        with transaction(self.ctx.db_url) as conn:  # the job and its stage records, first queued
+            records.insert_jobs(conn, pipeline, [new], failures={})
         self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
         send_stages(new.job_id, new.pipeline, first, new.priority)
         return Job(self, new.job_id)

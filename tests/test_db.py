@@ -14,6 +14,7 @@ from farm.db.migrate import downgrade_base, upgrade_head
 from farm.db.models import Base, StageRun
 from farm.db.session import get_engine, session_scope
 from farm.local import StackInfo
+from farm.pipelines import get_pipeline
 
 
 @pytest.fixture
@@ -51,26 +52,33 @@ def test_constraint_names_follow_the_convention(stack: StackInfo) -> None:
     assert "uq_stage_runs_job_id_stage" in uniques
 
 
+def new_job(url: str, pipeline: str) -> str:
+    """Record a job as submit() does; returns its id."""
+    new = records.NewJob(pipeline=pipeline, params={}, job_id=records.new_id())
+    with session_scope(url) as s:
+        records.insert_jobs(s, get_pipeline(pipeline), [new], failures={})
+    return new.job_id
+
+
 def test_a_stage_cannot_be_recorded_twice(stack: StackInfo) -> None:
-    with session_scope(stack.database_url) as s:
-        job = records.create_job(s, records.NewJob(pipeline="img2img", params={}))
-        job_id = job.id
+    job_id = new_job(stack.database_url, "img2img")
     with pytest.raises(sa.exc.IntegrityError), session_scope(stack.database_url) as s:
         s.add(StageRun(job_id=job_id, stage="encode", position=9, queue="gpu"))
 
 
 def test_job_has_one_record_per_stage_from_the_start(stack: StackInfo) -> None:
+    job_id = new_job(stack.database_url, "img2img")
     with session_scope(stack.database_url) as s:
-        job = records.create_job(s, records.NewJob(pipeline="img2img", params={}))
-        s.flush()
-        stages = [run.stage for run in job.stage_runs]
-    assert stages == ["preprocess", "encode", "noise", "denoise", "decode", "postprocess"]
+        runs = [(run.stage, run.status) for run in records.get_job(s, job_id).stage_runs]
+    assert runs == [
+        ("preprocess", "queued"),
+        *[(stage, "pending") for stage in ("encode", "noise", "denoise", "decode", "postprocess")],
+    ]
 
 
 def test_attempt_fences_out_a_replaced_delivery(stack: StackInfo) -> None:
     url = stack.database_url
-    with session_scope(url) as s:
-        job_id = records.create_job(s, records.NewJob(pipeline="txt2img", params={})).id
+    job_id = new_job(url, "txt2img")
     with session_scope(url) as s:
         first = records.begin_stage(s, job_id, "noise", "w1", max_lost=3)
     with session_scope(url) as s:  # w1 died; a redelivery takes the stage over
@@ -87,8 +95,7 @@ def test_attempt_fences_out_a_replaced_delivery(stack: StackInfo) -> None:
 
 def test_poison_guard_fails_after_max_lost_deliveries(stack: StackInfo) -> None:
     url = stack.database_url
-    with session_scope(url) as s:
-        job_id = records.create_job(s, records.NewJob(pipeline="txt2img", params={})).id
+    job_id = new_job(url, "txt2img")
     actions = []
     for _ in range(4):
         with session_scope(url) as s:

@@ -45,35 +45,16 @@ def create_batch(session: Session, source: str | None, params: dict) -> Batch:
     return batch
 
 
-def create_job(session: Session, new: NewJob) -> Job:
-    """Insert the job and one pending record per stage of its pipeline."""
-    pipeline = get_pipeline(new.pipeline)
-    job = Job(
-        id=new.job_id or new_id(),
-        pipeline=pipeline.name,
-        params=new.params,
-        status=JobStatus.QUEUED,
-        priority=new.priority,
-        batch_id=new.batch_id,
-        input_name=new.input_name,
-        input_key=new.input_key,
-        idempotency_key=new.idempotency_key,
-    )
-    job.stage_runs = [
-        StageRun(stage=spec.name, position=i, queue=spec.queue, status=StageStatus.PENDING)
-        for i, spec in enumerate(pipeline.stages)
-    ]
-    session.add(job)
-    return job
-
-
 def insert_jobs(
-    session: Session, pipeline: Pipeline, jobs: list[NewJob], failures: dict[str, FarmError]
+    session: Connection | Session,
+    pipeline: Pipeline,
+    jobs: list[NewJob],
+    failures: dict[str, FarmError],
 ) -> list[str]:
-    """Insert many jobs of one pipeline in two statements (jobs, then their stage records).
-    Jobs in ``failures`` are recorded as failed at submit; the others get their first
-    stages queued. Returns the ids of the jobs to enqueue. What a folder submit uses: the
-    ORM's per-object bookkeeping would cost more than the database itself."""
+    """Insert jobs of one pipeline, each with one record per stage, in two statements (jobs,
+    then their stage records). Jobs in ``failures`` are recorded as failed at submit; the
+    others get their first stages queued. Returns the ids of the jobs to enqueue. Core
+    statements: the ORM's per-object bookkeeping would cost more than the database itself."""
     if not jobs:
         return []
     now = datetime.now(UTC)
