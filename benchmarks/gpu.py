@@ -313,8 +313,7 @@ def redis_and_postgres(root: Path) -> Iterator[Bench]:
     try:
         for service in ("redis", "postgres"):
             local.start_service(service)
-        # LocalStack.info() answers only when all three servers run; the URLs are in its state.
-        info = local._info(local._load())
+        info = local.addresses()  # info() answers only when all three servers run
         upgrade_head(info.database_url)
         bench = Bench(root=root, stack=info, torch_threads=torch.get_num_threads())
         bench.data_dir.mkdir(exist_ok=True)

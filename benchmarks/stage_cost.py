@@ -67,7 +67,25 @@ def measure(farm: Farm, jobs: int, payload: bytes, warmup: int = 3) -> dict:
             _run_stages(farm, job_id)
         total_ms = 1000 * (time.perf_counter() - started)
     app.control.purge()  # the next-stage messages nobody consumed
-    return _per_stage(meter, total_ms, jobs * len(NOOP.stages))
+    return {
+        **_per_stage(meter, total_ms, jobs * len(NOOP.stages)),
+        "object_store_client_cpu_ms": client_cpu(farm, payload),
+    }
+
+
+def client_cpu(farm: Farm, payload: bytes, calls: int = 200) -> dict[str, float]:
+    """CPU-ms this process spends per put and per get of the payload (boto3's share of an
+    object store round trip; the server's is in the run's CPU by process)."""
+    store, key = farm.ctx.store, "bench/client-cpu"
+    out = {}
+    for name, call in (("put", lambda: store.put(key, payload)), ("get", lambda: store.get(key))):
+        call()  # warm
+        started = time.process_time()
+        for _ in range(calls):
+            call()
+        out[name] = 1000 * (time.process_time() - started) / calls
+    store.delete(key)
+    return out
 
 
 def _run_stages(farm: Farm, job_id: str) -> None:

@@ -430,6 +430,12 @@ class LocalStack:
     def is_running(self) -> bool:
         return self.info() is not None
 
+    def addresses(self) -> StackInfo | None:
+        """The stack's URLs and credentials, also while only some servers run (a GPU box may
+        start Redis and Postgres alone and keep artifacts on a shared disk)."""
+        state = self._load()
+        return None if state is None else self._info(state)
+
     def stop_service(self, name: Service) -> None:
         with self._locked():
             state = self._load()

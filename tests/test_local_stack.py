@@ -134,6 +134,18 @@ def test_restart_service_keeps_port_and_data(tmp_path: Path) -> None:
         local.down()
 
 
+def test_some_servers_alone_answer_with_their_addresses(tmp_path: Path) -> None:
+    local = LocalStack(tmp_path)
+    assert local.addresses() is None  # nothing was ever started here
+    try:
+        local.start_service("redis")
+        assert local.info() is None  # not the whole stack
+        info = local.addresses()
+        assert redis.Redis.from_url(info.redis_url).ping()
+    finally:
+        local.down()
+
+
 def test_down_leaves_no_process_and_up_again_keeps_urls(tmp_path: Path) -> None:
     local = LocalStack(tmp_path)
     try:
