@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.orm import Session, joinedload
@@ -57,7 +57,8 @@ def insert_jobs(
     statements: the ORM's per-object bookkeeping would cost more than the database itself."""
     if not jobs:
         return []
-    now = datetime.now(UTC)
+    # The database's clock, as everywhere else (the reconciler compares queued_at with it).
+    now = session.execute(select(func.now())).scalar_one()
     first = {spec.name for spec in pipeline.ready(())}
     # Table-level inserts: one multi-row statement each (the ORM would split rows by shape).
     rows = [_job_row(new, failures.get(new.job_id), now) for new in jobs]
@@ -106,14 +107,25 @@ def _stage_row(job_id: str, position: int, spec, queued: bool, now: datetime) ->
 
 
 def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
-    """The job with its stage records, in one query (``lock``: the job row FOR UPDATE)."""
-    query = select(Job).where(Job.id == job_id).options(joinedload(Job.stage_runs))
+    """The job with its stage records (``lock``: the job row FOR UPDATE first)."""
     if lock:
-        query = query.with_for_update(of=Job)
+        _lock_job(session, job_id, _jobs.c.id)
+    query = select(Job).where(Job.id == job_id).options(joinedload(Job.stage_runs))
     job = session.scalars(query).unique().one_or_none()
     if job is None:
         raise JobNotFound(f"No job with id {job_id!r}.")
     return job
+
+
+def _lock_job(conn: Connection | Session, job_id: str, *columns):
+    """Take the job's row lock, under which its stage records change, and return ``columns``
+    of it. Its own statement on purpose: a FOR UPDATE that waits for the lock re-reads the
+    locked row only, so stage rows joined into it would be the ones from before the wait
+    (READ COMMITTED); a statement after it sees what the previous holder committed."""
+    row = conn.execute(select(*columns).where(_jobs.c.id == job_id).with_for_update()).first()
+    if row is None:
+        raise JobNotFound(f"No job with id {job_id!r}.")
+    return row
 
 
 def find_by_idempotency_key(session: Session, key: str) -> Job | None:
@@ -195,17 +207,14 @@ def begin_stage(
 ) -> Begin:
     """Take the stage for this delivery (attempt + 1) unless it is done or the job is over.
     ``retry``: this delivery is Celery's retry after a transient fault, not a redelivery."""
+    job = JobRow(*_lock_job(conn, job_id, *_JOB_COLUMNS))
     row = conn.execute(
-        select(
-            *_JOB_COLUMNS, _runs.c.status.label("run_status"), _runs.c.attempts, _runs.c.lost_runs
+        select(_runs.c.status.label("run_status"), _runs.c.attempts, _runs.c.lost_runs).where(
+            _stage_is(job_id, stage)
         )
-        .join_from(_jobs, _runs, (_runs.c.job_id == _jobs.c.id) & (_runs.c.stage == stage))
-        .where(_jobs.c.id == job_id)
-        .with_for_update(of=_jobs)  # stage records change under the job's lock
     ).one_or_none()
     if row is None:
-        raise JobNotFound(f"No job with id {job_id!r} (or it has no stage {stage!r}).")
-    job = JobRow(*row[: len(_JOB_COLUMNS)])
+        raise JobNotFound(f"Job {job_id!r} has no stage {stage!r}.")
     if row.run_status == StageStatus.DONE or job.status in TERMINAL:
         return Begin("skip", job=job)
     lost = row.lost_runs
@@ -262,14 +271,10 @@ def complete_stage(
 ) -> list[str] | None:
     """Commit the stage as done; return the stages to enqueue next ([] when the job finished),
     or None when this delivery no longer holds the stage (fenced out) or the job was stopped."""
-    rows = conn.execute(
-        select(_jobs.c.status, _jobs.c.pipeline, _runs.c.stage, _runs.c.status)
-        .join_from(_jobs, _runs, _runs.c.job_id == _jobs.c.id)
-        .where(_jobs.c.id == job_id)
-        .with_for_update(of=_jobs)
-    ).all()
-    if not rows:
-        raise JobNotFound(f"No job with id {job_id!r}.")
+    job_status, pipeline_name = _lock_job(conn, job_id, _jobs.c.status, _jobs.c.pipeline)
+    statuses = dict(
+        conn.execute(select(_runs.c.stage, _runs.c.status).where(_runs.c.job_id == job_id)).all()
+    )
     result = conn.execute(
         update(_runs)
         .where(_fenced(job_id, stage, attempt))
@@ -284,12 +289,10 @@ def complete_stage(
             error_message=None,
         )
     )
-    job_status, pipeline = rows[0][0], get_pipeline(rows[0][1])
     if result.rowcount != 1 or job_status in TERMINAL:
         return None  # fenced out, or cancelled while it ran: keep its checkpoint, go no further
-    statuses = {run_stage: status for _, _, run_stage, status in rows}
     statuses[stage] = StageStatus.DONE
-    return _advance(conn, job_id, pipeline, statuses, checkpoint.key)
+    return _advance(conn, job_id, get_pipeline(pipeline_name), statuses, checkpoint.key)
 
 
 def _advance(
@@ -354,6 +357,7 @@ def requeue_stage(session: Session, job_id: str, stage: str, attempt: int, reaso
 
 
 def cancel_stage(session: Session, job_id: str, stage: str, attempt: int) -> None:
+    _lock_job(session, job_id, _jobs.c.id)  # the job first, as everywhere (no lock cycles)
     session.execute(
         update(_runs)
         .where(_fenced(job_id, stage, attempt))
@@ -447,6 +451,8 @@ def stale_queued_stages(session: Session, grace_s: float) -> list[tuple[Job, str
 
 def touch_queued(session: Session, pairs: list[tuple[str, str]]) -> None:
     """Record that these stages' messages were just sent again."""
+    for job_id in sorted({job_id for job_id, _ in pairs}):  # jobs first, in one order
+        _lock_job(session, job_id, _jobs.c.id)
     for job_id, stage in pairs:
         session.execute(
             update(StageRun)
