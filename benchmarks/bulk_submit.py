@@ -32,6 +32,7 @@ from benchmarks.meter import Meter, swap
 from farm import Farm, Settings
 from farm import batch as batch_module
 from farm.db.session import get_engine
+from farm.tasks import dispatch
 from farm.tasks.app import app, configure
 
 NAME = "bulk_submit"
@@ -193,7 +194,7 @@ def _install(meter: Meter, farm: Farm, undo: ExitStack) -> None:
     broker, Redis), and on each upload in the pool (those overlap: not part of ``rest``)."""
     scope = meter.timed_scope("postgres txn", batch_module.session_scope)
     swap(undo, batch_module, "session_scope", scope)
-    swap(undo, batch_module, "send_stages", meter.timed("broker send", batch_module.send_stages))
+    swap(undo, dispatch, "send_stages", meter.timed("broker send", dispatch.send_stages))
     client = farm.ctx.meta.redis
     swap(undo, client, "execute_command", meter.timed("redis command", client.execute_command))
     store = type(farm.ctx.store)

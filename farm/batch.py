@@ -29,8 +29,7 @@ from farm.inputs import InputFile, read_input, scan_folder
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
 from farm.storage import keys
-from farm.tasks.app import app
-from farm.tasks.dispatch import send_stages
+from farm.tasks.dispatch import send_many
 from farm.waiting import poll_until
 
 if TYPE_CHECKING:
@@ -159,11 +158,7 @@ class FolderSubmission:
                 for job_id, stages in to_send
             }
         )
-        # One broker connection for the chunk, its messages sent in one pipelined round trip.
-        # Should that fail, the jobs are recorded as queued: the reconciler sends them again.
-        with app.producer_or_acquire() as producer, producer.batch():
-            for job_id, stages in to_send:
-                send_stages(job_id, self.pipeline.name, stages, self.priority, producer)
+        send_many(self.pipeline.name, to_send, self.priority)
 
     @cached_property
     def _params(self) -> dict:
