@@ -1,7 +1,8 @@
 """Fault injection for the test suite: off unless the worker runs with FARM_FAULT_INJECTION=1.
 
 A test arms a fault in Redis for one (job, stage, point); the worker consumes it once:
-``fail`` raises StageFailed, ``kill`` SIGKILLs the worker process, ``sleep:N`` stalls.
+``fail`` raises StageFailed, ``transient`` a retryable StorageError (a service hiccup),
+``kill`` SIGKILLs the worker process, ``sleep:N`` stalls.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import time
 
 import redis
 
-from farm.errors import StageFailed
+from farm.errors import StageFailed, StorageError
 from farm.storage.keys import REDIS_PREFIX
 from farm.storage.metadata import Metadata
 
@@ -38,6 +39,8 @@ def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
         return  # a test hook must never be the fault itself
     if action == "fail":
         raise StageFailed(f"injected failure at {stage}/{point}")
+    if action == "transient":
+        raise StorageError(f"injected transient fault at {stage}/{point}")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action and action.startswith("sleep:"):

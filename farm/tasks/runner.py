@@ -108,6 +108,7 @@ class StageRun:
         self.attempt: int | None = None
         self.keeper: LeaseKeeper | None = None
         self.continue_with: str | None = None
+        self.job: records.JobRow | None = None  # once begun
         self._cancelled = False
 
     def execute(self) -> str:
@@ -169,6 +170,7 @@ class StageRun:
             begin = records.begin_stage(
                 conn, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
             )
+        self.job = begin.job
         if begin.action == "crashed":
             crash = StageCrashed(
                 f"{self.stage} killed its worker {begin.attempt} times; giving up. "

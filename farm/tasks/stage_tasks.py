@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import random
 
 from celery import Task
 
+from farm.db.records import JobRow
 from farm.errors import FarmError
 from farm.tasks import context
 from farm.tasks.app import app
+from farm.tasks.dispatch import send_stage
 from farm.tasks.runner import StageRun
+
+log = logging.getLogger(__name__)
 
 # Transient faults (S3/DB/Redis down) back off exponentially, capped well under the
 # visibility timeout, for about ten minutes in all before the task gives up.
@@ -20,22 +25,42 @@ MAX_BACKOFF_S = 60
 def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
     """Run the delivered stage, then any next stage of the job on this same queue (see
     StageRun: no broker hop between them, each still its own checkpointed, recorded stage)."""
-    retry = bool(task.request.retries)
-    while True:
-        run = StageRun(context.current(), job_id, stage, task.request.hostname, retry, queue)
+    ctx, worker, retry = context.current(), task.request.hostname, bool(task.request.retries)
+    run = StageRun(ctx, job_id, stage, worker, retry, queue)
+    try:
+        outcome = run.execute()
+    except FarmError as exc:
+        if not exc.retryable:
+            raise
+        raise task.retry(
+            exc=exc, countdown=_backoff(task.request.retries), max_retries=MAX_TRANSIENT_RETRIES
+        ) from exc
+    job = run.job  # known once the delivered stage ran: what a continued stage's retry needs
+    while run.continue_with:
+        run = StageRun(ctx, job_id, run.continue_with, worker, serves=queue)
         try:
             outcome = run.execute()
         except FarmError as exc:
             if not exc.retryable:
                 raise
-            delay = min(MAX_BACKOFF_S, 2**task.request.retries) * random.uniform(0.5, 1.0)
-            # The retry is for the stage that hit the fault, which may be a continued one.
-            raise task.retry(
-                args=(job_id, stage), exc=exc, countdown=delay, max_retries=MAX_TRANSIENT_RETRIES
-            ) from exc
-        if run.continue_with is None:
-            return outcome
-        stage, retry = run.continue_with, False
+            return _retry_continued(job, run.stage, exc)
+    return outcome
+
+
+def _retry_continued(job: JobRow, stage: str, exc: FarmError) -> str:
+    """A transient fault in a continued stage: this message's own stage is done, so the
+    continued one gets a message of its own, with its own retry count. Should the broker
+    be down too, its record stays queued and the reconciler sends it."""
+    log.warning("%s/%s: %s; sending it as its own message", job.id, stage, exc)
+    try:
+        send_stage(job.id, job.pipeline, stage, job.priority, countdown=_backoff(0))
+    except FarmError as send_error:
+        log.warning("%s/%s not sent (%s); the reconciler will", job.id, stage, send_error)
+    return "requeued"
+
+
+def _backoff(retries: int) -> float:
+    return min(MAX_BACKOFF_S, 2**retries) * random.uniform(0.5, 1.0)
 
 
 @app.task(name="farm.cpu.run_stage", bind=True)
