@@ -126,6 +126,25 @@ def test_small_inputs_are_packed_per_chunk_and_large_ones_stand_alone(
     assert store.get(alone.input_key) == large["large.png"]
 
 
+def test_gc_removes_only_packs_no_job_points_to(farm, running, tmp_path) -> None:
+    from farm.db.records import new_id
+    from farm.storage import keys
+    from farm.tasks.gc import orphaned_packs, sweep
+
+    batch = farm.submit_folder(make_folder(tmp_path / "in", good=2, hue0=220), **FAST)
+    # this batch's pack, and packs of earlier runs that jobs adopted into it point to
+    kept = {row.input_key for row in job_rows(farm, batch.id) if row.input_key}
+    assert any(key.startswith(f"batches/{batch.id}/") for key in kept)
+    orphan = keys.input_pack_key(new_id(), 0)  # as if its submitter died before recording
+    farm.ctx.store.put(orphan, b"bytes no job points to")
+    assert orphan not in orphaned_packs(farm.ctx)  # younger than the grace period
+    assert orphan in orphaned_packs(farm.ctx, grace_s=0)
+    sweep(farm.ctx, grace_s=0)
+    assert not farm.ctx.store.exists(orphan)
+    assert all(farm.ctx.store.exists(key) for key in kept)
+    assert batch.wait(timeout=180).done == 2
+
+
 def job_rows(farm, batch_id: str):
     from sqlalchemy import select
 

@@ -96,6 +96,8 @@ class TestArtifactStore:
         with pytest.raises(ArtifactMissing, match="holds 2 of the 4 bytes"):
             store.get_range(prefix + "packed", 8, 4)  # the object is shorter than recorded
         with pytest.raises(ArtifactMissing):
+            store.get_range(prefix + "packed", 20, 4)  # starts past the end
+        with pytest.raises(ArtifactMissing):
             store.get_range(prefix + "absent", 0, 1)
 
     def test_put_overwrites(self, store: ArtifactStore, prefix: str) -> None:

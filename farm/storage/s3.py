@@ -300,6 +300,8 @@ class S3Store:
             )
         if code in _MISSING_CODES:
             return ArtifactMissing(f"artifact {key!r} is not in bucket {self.bucket!r}")
+        if code == "InvalidRange":  # a range read past the object's end
+            return ArtifactMissing(f"artifact {key!r} is shorter than the range recorded")
         if code in _AUTH_CODES or status == 403:
             return _permanent(
                 f"S3 at {self._where()} refused the credentials ({code}): {_AUTH_HINT}",

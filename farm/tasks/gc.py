@@ -10,6 +10,7 @@ be about to commit right now), and aborts stale multipart uploads.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from itertools import groupby
 
@@ -17,11 +18,13 @@ from sqlalchemy import select
 
 from farm.db.models import Job
 from farm.db.session import session_scope
+from farm.errors import ArtifactMissing
 from farm.storage import keys
 from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
 DEFAULT_GRACE_S = 3600
+LOOKUP_BATCH = 1000  # keys per database lookup
 
 
 def orphaned_jobs(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> dict[str, list[str]]:
@@ -44,14 +47,21 @@ def orphaned_jobs(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> dict[str, l
 
 def orphaned_packs(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> list[str]:
     """Packed-input objects (folder submits) that no job points to, older than ``grace_s``."""
-    store = ctx.store
-    found = list(store.list(keys.BATCHES_PREFIX))
-    if not found:
-        return []
+    found = list(ctx.store.list(keys.BATCHES_PREFIX))
+    used: set[str] = set()
     with session_scope(ctx.db_url) as s:
-        used = set(s.scalars(select(Job.input_key).where(Job.input_key.in_(found)).distinct()))
+        for start in range(0, len(found), LOOKUP_BATCH):
+            batch = found[start : start + LOOKUP_BATCH]
+            used.update(s.scalars(select(Job.input_key).where(Job.input_key.in_(batch))))
     cutoff = time.time() - grace_s
-    return [key for key in found if key not in used and store.modified(key) < cutoff]
+    return [key for key in found if key not in used and _modified(ctx, key) < cutoff]
+
+
+def _modified(ctx: Context, key: str) -> float:
+    try:
+        return ctx.store.modified(key)
+    except ArtifactMissing:  # deleted since it was listed (another sweep): nothing to do
+        return math.inf
 
 
 def sweep(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> int:
@@ -61,7 +71,7 @@ def sweep(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> int:
         deleted += ctx.store.delete_prefix(keys.job_prefix(job_id))
         log.info("removed orphaned artifacts of %s", job_id)
     for key in orphaned_packs(ctx, grace_s):
-        ctx.store.delete(key)
+        ctx.store.delete(key)  # deleting an absent key is not an error
         deleted += 1
         log.info("removed orphaned input pack %s", key)
     abort = getattr(ctx.store, "abort_incomplete_uploads", None)

@@ -22,5 +22,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    packed = sa.text("SELECT count(*) FROM jobs WHERE input_size IS NOT NULL")
+    if op.get_bind().execute(packed).scalar():
+        # Without their ranges these jobs would read a whole pack as their input.
+        raise RuntimeError("jobs with packed inputs exist; finish or delete them first")
     op.drop_column("jobs", "input_size")
     op.drop_column("jobs", "input_offset")
