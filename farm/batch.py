@@ -45,7 +45,7 @@ PACK_LIMIT = 256 * 1024
 class Placement(NamedTuple):
     """Where an input's bytes went: its own object, or a byte range of a packed one."""
 
-    key: str
+    key: str | None
     offset: int | None = None
     size: int | None = None
 
@@ -146,7 +146,8 @@ class FolderSubmission:
         ids = {key: records.new_id() for key in new}
         readable = {ids[k]: f for k, f in new.items() if f.data is not None}
         placed = self._upload_inputs(readable, pool)
-        jobs = [self._new_job(ids[k], k, f, placed.get(ids[k])) for k, f in new.items()]
+        nowhere = Placement(None)  # an input refused at submit was not uploaded
+        jobs = [self._new_job(ids[k], k, f, placed.get(ids[k], nowhere)) for k, f in new.items()]
         failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
         with session_scope(self.farm.ctx.db_url) as s:
             first = [spec.name for spec in self.pipeline.ready(())]
@@ -200,7 +201,7 @@ class FolderSubmission:
         return placed
 
     def _new_job(
-        self, job_id: str, key: str, file: InputFile, placement: Placement | None
+        self, job_id: str, key: str, file: InputFile, placement: Placement
     ) -> records.NewJob:
         return records.NewJob(
             pipeline=self.pipeline.name,
@@ -208,9 +209,9 @@ class FolderSubmission:
             priority=self.priority,
             batch_id=self.batch_id,
             input_name=file.name,
-            input_key=placement.key if placement else None,
-            input_offset=placement.offset if placement else None,
-            input_size=placement.size if placement else None,
+            input_key=placement.key,
+            input_offset=placement.offset,
+            input_size=placement.size,
             idempotency_key=key,
             job_id=job_id,
         )

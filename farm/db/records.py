@@ -151,15 +151,6 @@ def queued_and_ready(job: Job) -> list[str]:
     return [r.stage for r in job.stage_runs if r.status == StageStatus.QUEUED and r.stage in ready]
 
 
-def mark_queued(session: Session, job: Job, stages: list[str]) -> None:
-    """Record that these stages' messages are about to be sent."""
-    for run in job.stage_runs:
-        if run.stage in stages:
-            run.status = StageStatus.QUEUED
-            run.queued_at = func.now()
-            run.error_code = run.error_message = None
-
-
 @dataclass(frozen=True)
 class JobRow:
     """What a stage delivery needs to know of its job."""
@@ -170,16 +161,8 @@ class JobRow:
     status: str
     priority: int
     input_key: str | None
-    input_offset: int | None
+    input_offset: int | None  # set when the input is a byte range of a packed object
     input_size: int | None
-
-    def read_input(self, store) -> bytes | None:
-        """The submitted input's bytes (None for pipelines that take none)."""
-        if self.input_key is None:
-            return None
-        if self.input_size is None:
-            return store.get(self.input_key)
-        return store.get_range(self.input_key, self.input_offset or 0, self.input_size)
 
 
 @dataclass(frozen=True)
@@ -311,10 +294,16 @@ def _advance(
         return []
     waiting = (StageStatus.QUEUED, StageStatus.RUNNING)
     to_send = [s.name for s in pipeline.ready(done) if statuses[s.name] not in waiting]
-    if to_send:
+    _mark_queued(conn, job_id, to_send)
+    return to_send
+
+
+def _mark_queued(conn: Connection | Session, job_id: str, stages: list[str]) -> None:
+    """Record that these stages' messages are about to be sent."""
+    if stages:
         conn.execute(
             update(_runs)
-            .where(_runs.c.job_id == job_id, _runs.c.stage.in_(to_send))
+            .where(_runs.c.job_id == job_id, _runs.c.stage.in_(stages))
             .values(
                 status=StageStatus.QUEUED,
                 queued_at=func.now(),
@@ -322,7 +311,6 @@ def _advance(
                 error_message=None,
             )
         )
-    return to_send
 
 
 def fail_stage(
@@ -394,7 +382,8 @@ def prepare_resume(session: Session, job_id: str) -> tuple[Job, list[str]]:
     job.error_code = job.error_message = job.finished_at = None
     pipeline = get_pipeline(job.pipeline)
     ready = [spec.name for spec in pipeline.ready(done_stages(job))]
-    mark_queued(session, job, ready)
+    session.flush()  # the ORM's changes above first: the Core update below must come after
+    _mark_queued(session, job_id, ready)
     return job, ready
 
 

@@ -87,11 +87,6 @@ class Metadata:
         pipe.exists(keys.cancel_flag(job_id))
         return bool(pipe.execute()[1])
 
-    def start_stage(self, job_id: str, stage: str) -> bool:
-        """Publish that ``stage`` started and learn whether the job was cancelled, in one
-        round trip. Returns True if cancelled."""
-        return self.report_step(job_id, status="running", stage=stage, step=0)
-
     @_mapped
     def state(self, job_id: str) -> dict[str, str]:
         return self.redis.hgetall(keys.job_state(job_id))

@@ -182,7 +182,9 @@ class StageRun:
             self.attempt = begin.attempt
             self.keeper = LeaseKeeper(self.ctx, self.job_id, self.stage, self.token, begin.attempt)
             self.keeper.start()
-            self._cancelled = bool(self._live("start_stage", self.job_id, self.stage))
+            # publish the start and read the cancel flag in one round trip
+            started = {"status": "running", "stage": self.stage, "step": 0}
+            self._cancelled = bool(self._live("report_step", self.job_id, **started))
         return begin
 
     def _resend_lost(self) -> None:
@@ -203,8 +205,12 @@ class StageRun:
 
     def _load_inputs(self, spec: StageSpec, job: records.JobRow):
         store = self.ctx.store
-        if not spec.after:
-            return job.read_input(store)
+        if not spec.after:  # the submitted input: its own object or a range of a packed one
+            if job.input_key is None:
+                return None
+            if job.input_size is None:
+                return store.get(job.input_key)
+            return store.get_range(job.input_key, job.input_offset or 0, job.input_size)
         merged: dict = {}
         for dep in spec.after:
             merged.update(decode_tensors(store.get(keys.artifact_key(self.job_id, dep))))
