@@ -30,7 +30,7 @@ from sqlalchemy import event
 from benchmarks.harness import Bench, CpuClock, Row, cpu_delta, noise_png, ratio
 from benchmarks.meter import Meter, swap
 from farm import Farm, Settings
-from farm import batch as batch_module
+from farm import folder as batch_module
 from farm.db.session import get_engine
 from farm.tasks import dispatch
 from farm.tasks.app import app, configure
@@ -192,9 +192,10 @@ def _farm_submitter(settings: Settings):
 def _install(meter: Meter, farm: Farm, undo: ExitStack) -> None:
     """Stopwatches on what submit_folder does per chunk on its own thread (the database, the
     broker, Redis), and on each upload in the pool (those overlap: not part of ``rest``)."""
-    scope = meter.timed_scope("postgres txn", batch_module.session_scope)
-    swap(undo, batch_module, "session_scope", scope)
-    swap(undo, dispatch, "send_stages", meter.timed("broker send", dispatch.send_stages))
+    for name in ("session_scope", "transaction"):
+        scope = meter.timed_scope("postgres txn", getattr(batch_module, name))
+        swap(undo, batch_module, name, scope)
+    swap(undo, dispatch, "send_stage", meter.timed("broker send", dispatch.send_stage))
     client = farm.ctx.meta.redis
     swap(undo, client, "execute_command", meter.timed("redis command", client.execute_command))
     store = type(farm.ctx.store)

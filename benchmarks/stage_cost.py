@@ -26,7 +26,7 @@ from benchmarks.meter import Meter, swap
 from farm import Farm
 from farm.db.session import get_engine
 from farm.pipelines import NOOP
-from farm.tasks import runner
+from farm.tasks import dispatch, runner
 from farm.tasks.app import app
 from farm.tasks.runner import StageRun
 
@@ -43,7 +43,7 @@ def patched(meter: Meter, farm: Farm) -> Iterator[None]:
         swap(undo, type(store), "put", meter.timed("artifact put", type(store).put))
         for name in ("transaction", "session_scope"):
             swap(undo, runner, name, meter.timed_scope("postgres txn", getattr(runner, name)))
-        swap(undo, runner, "send_stages", meter.timed("broker send", runner.send_stages))
+        swap(undo, dispatch, "send_stage", meter.timed("broker send", dispatch.send_stage))
         swap(undo, redis_client, "execute_command",
               meter.timed("redis round trip", redis_client.execute_command))  # fmt: skip
         pipeline = redis.client.Pipeline  # several commands, one round trip

@@ -5,37 +5,53 @@ checkpoints to S3-compatible storage and records itself in Postgres, so failed j
 from their last finished stage.
 """
 
-from farm.api import Farm, Job, JobInfo, NoWorkerWarning, Progress, StageInfo
+from farm.api import Farm
 from farm.batch import Batch, BatchCounts
 from farm.config import Settings
 from farm.errors import (
+    ArtifactCorrupt,
     ArtifactMissing,
+    BrokerUnavailable,
+    BucketMissing,
     ConfigError,
     DatabaseError,
+    DuplicateJob,
     FarmError,
     InputError,
     InvalidImage,
     InvalidParameter,
     JobCancelled,
     JobNotFound,
+    LocalStackFailed,
     MetadataError,
     ModelError,
+    NotDone,
+    NotResumable,
     StageCrashed,
     StageFailed,
+    StorageAuthError,
     StorageError,
+    StorageRefused,
+    StorageRejected,
     TransientError,
     UnknownPipeline,
+    WorkerFailed,
 )
+from farm.job import Job, JobInfo, NoWorkerWarning, Progress, StageInfo
 from farm.params import RenderParams
 from farm.pipelines import PIPELINES
 
 __all__ = [
     "PIPELINES",
+    "ArtifactCorrupt",
     "ArtifactMissing",
     "Batch",
     "BatchCounts",
+    "BrokerUnavailable",
+    "BucketMissing",
     "ConfigError",
     "DatabaseError",
+    "DuplicateJob",
     "Farm",
     "FarmError",
     "InputError",
@@ -45,16 +61,23 @@ __all__ = [
     "JobCancelled",
     "JobInfo",
     "JobNotFound",
+    "LocalStackFailed",
     "MetadataError",
     "ModelError",
     "NoWorkerWarning",
+    "NotDone",
+    "NotResumable",
     "Progress",
     "RenderParams",
     "Settings",
     "StageCrashed",
     "StageFailed",
     "StageInfo",
+    "StorageAuthError",
     "StorageError",
+    "StorageRefused",
+    "StorageRejected",
     "TransientError",
     "UnknownPipeline",
+    "WorkerFailed",
 ]

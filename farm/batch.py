@@ -1,53 +1,18 @@
-"""Submitting a folder as one batch, and following it.
-
-Files are read and uploaded in chunks (a thread pool for the object store, one database
-transaction per chunk) so memory stays flat however large the folder is. Each input's
-idempotency key is its content hash + pipeline + parameters + model: a second run of the same
-folder skips what is done, resumes what failed for a reason other than its input, and
-creates no duplicate job.
-"""
+"""The read-side handle on a batch: the jobs of one submitted folder, counted and followed."""
 
 from __future__ import annotations
 
-import hashlib
-import itertools
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from functools import cached_property
-from pathlib import Path
-from typing import TYPE_CHECKING, NamedTuple
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
-from farm.db import records
 from farm.db.models import Job as JobRow
 from farm.db.models import JobStatus
 from farm.db.session import session_scope
-from farm.errors import InvalidParameter, is_input_error
-from farm.inputs import InputFile, read_input, scan_folder
-from farm.params import RenderParams
-from farm.pipelines import Pipeline, get_pipeline
-from farm.storage import keys
-from farm.tasks.dispatch import send_many
+from farm.job import JobInfo, list_jobs, queues_of, warn_if_no_workers
+from farm.tasks.context import Context
 from farm.waiting import poll_until
-
-if TYPE_CHECKING:
-    from farm.api import Farm, JobInfo
-
-CHUNK = 64
-UPLOAD_THREADS = 8
-# Inputs up to this size are packed, one object per chunk (at most CHUNK x this = 16 MiB):
-# per-object overhead, not bytes, is what a folder of small images costs the object store.
-PACK_LIMIT = 256 * 1024
-
-
-class Placement(NamedTuple):
-    """Where an input's bytes went: its own object, or a byte range of a packed one."""
-
-    key: str | None
-    offset: int | None = None
-    size: int | None = None
 
 
 @dataclass(frozen=True)
@@ -69,15 +34,15 @@ class BatchCounts:
 class Batch:
     """A handle on a submitted folder."""
 
-    def __init__(self, farm: Farm, batch_id: str, skipped: Iterable[str] = ()) -> None:
-        self.farm, self.id = farm, batch_id
+    def __init__(self, ctx: Context, batch_id: str, skipped: Iterable[str] = ()) -> None:
+        self.ctx, self.id = ctx, batch_id
         self.skipped = list(skipped)  # inputs already rendered by an earlier run
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r})"
 
     def jobs(self) -> list[JobInfo]:
-        return self.farm.jobs(batch=self.id, limit=None)
+        return list_jobs(self.ctx, batch=self.id, limit=None)
 
     def failed(self) -> list[JobInfo]:
         """Failed jobs with their error code and message."""
@@ -89,7 +54,7 @@ class Batch:
             .where(JobRow.batch_id == self.id)
             .group_by(JobRow.status)
         )
-        with session_scope(self.farm.ctx.db_url) as s:
+        with session_scope(self.ctx.db_url) as s:
             by_status = dict(s.execute(query).all())
         return BatchCounts(total=sum(by_status.values()), **by_status)
 
@@ -100,7 +65,7 @@ class Batch:
         poll: float = 0.5,
     ) -> BatchCounts:
         """Block until every job of the batch has finished; TimeoutError after ``timeout``."""
-        self.farm.warn_if_no_workers(self.farm.queues_of(batch=self.id))
+        warn_if_no_workers(self.ctx, queues_of(self.ctx, batch=self.id))
         return poll_until(
             self.counts,
             lambda counts: counts.finished,
@@ -109,140 +74,3 @@ class Batch:
             report=on_progress,
             what=f"batch {self.id}",
         )
-
-
-@dataclass
-class FolderSubmission:
-    """Submits one folder's files, chunk by chunk."""
-
-    farm: Farm
-    pipeline: Pipeline
-    params: RenderParams
-    priority: int
-    batch_id: str = ""
-    skipped: list[str] = field(default_factory=list)
-    _packs: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
-
-    def run(self, folder: str | Path, recursive: bool) -> Batch:
-        base = Path(folder).expanduser().resolve()
-        files = scan_folder(base, recursive)
-        with session_scope(self.farm.ctx.db_url) as s:
-            settings = {**self._params, "pipeline": self.pipeline.name}
-            self.batch_id = records.create_batch(s, str(base), settings).id
-        with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
-            for chunk in _chunks(files, CHUNK):
-                read = list(pool.map(lambda f: read_input(f, base), chunk))
-                self._submit_chunk(read, pool)
-        return Batch(self.farm, self.batch_id, self.skipped)
-
-    def _submit_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
-        by_key: dict[str, InputFile] = {}
-        for file in files:
-            first = by_key.setdefault(self._key(file), file)
-            if first is not file:  # same bytes, same parameters: the same render
-                self.skipped.append(f"{file.name} (same content as {first.name})")
-        existing = self._existing(list(by_key))
-        new = {key: f for key, f in by_key.items() if key not in existing}
-        ids = {key: records.new_id() for key in new}
-        readable = {ids[k]: f for k, f in new.items() if f.data is not None}
-        placed = self._upload_inputs(readable, pool)
-        nowhere = Placement(None)  # an input refused at submit was not uploaded
-        jobs = [self._new_job(ids[k], k, f, placed.get(ids[k], nowhere)) for k, f in new.items()]
-        failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
-        with session_scope(self.farm.ctx.db_url) as s:
-            first = [spec.name for spec in self.pipeline.ready(())]
-            to_send = [(i, first) for i in records.insert_jobs(s, self.pipeline, jobs, failures)]
-            to_send += filter(None, (self._adopt(s, job_id) for job_id in existing.values()))
-        self.farm.ctx.meta.set_states(
-            {
-                job_id: {"status": "queued", "stage": stages[0], "step": 0}
-                for job_id, stages in to_send
-            }
-        )
-        send_many(self.pipeline.name, to_send, self.priority)
-
-    @cached_property
-    def _params(self) -> dict:
-        return self.params.to_dict()
-
-    @cached_property
-    def _render_digest(self) -> str:
-        """Everything but the input that makes two renders the same."""
-        return f"{self.pipeline.name}|{self.params.params_digest()}|{self.farm.model_id}"
-
-    def _key(self, file: InputFile) -> str:
-        """Same input bytes + same parameters + same model = the same render."""
-        text = f"{file.content_hash}|{self._render_digest}"
-        return hashlib.sha256(text.encode()).hexdigest()
-
-    def _existing(self, idem_keys: list[str]) -> dict[str, str]:
-        query = select(JobRow.idempotency_key, JobRow.id).where(
-            JobRow.idempotency_key.in_(idem_keys)
-        )
-        with session_scope(self.farm.ctx.db_url) as s:
-            return dict(s.execute(query).all())
-
-    def _upload_inputs(
-        self, files: dict[str, InputFile], pool: ThreadPoolExecutor
-    ) -> dict[str, Placement]:
-        """Upload a chunk's inputs (job id -> file): the small ones packed into one object,
-        each larger one on its own. Returns where each job's bytes are."""
-        small = {job_id: f for job_id, f in files.items() if len(f.data) <= PACK_LIMIT}
-        placed = {job_id: Placement(keys.input_key(job_id)) for job_id in files.keys() - small}
-        uploads = [(placed[job_id].key, files[job_id].data) for job_id in placed]
-        if small:
-            pack_key = keys.input_pack_key(self.batch_id, next(self._packs))
-            offset = 0
-            for job_id, file in small.items():
-                placed[job_id] = Placement(pack_key, offset, len(file.data))
-                offset += len(file.data)
-            uploads.append((pack_key, b"".join(file.data for file in small.values())))
-        list(pool.map(lambda upload: self.farm.ctx.store.put(*upload), uploads))
-        return placed
-
-    def _new_job(
-        self, job_id: str, key: str, file: InputFile, placement: Placement
-    ) -> records.NewJob:
-        return records.NewJob(
-            pipeline=self.pipeline.name,
-            params=self._params,
-            priority=self.priority,
-            batch_id=self.batch_id,
-            input_name=file.name,
-            input_key=placement.key,
-            input_offset=placement.offset,
-            input_size=placement.size,
-            idempotency_key=key,
-            job_id=job_id,
-        )
-
-    def _adopt(self, s, job_id: str):
-        """An input an earlier run already submitted: join this batch; resume it if it failed
-        for a reason other than its input; otherwise leave it be."""
-        job = records.get_job(s, job_id, lock=True)
-        job.batch_id = self.batch_id
-        if job.status == JobStatus.DONE:
-            self.skipped.append(job.input_name or job.id)
-            return None
-        if job.status in (JobStatus.FAILED, JobStatus.CANCELLED) and not is_input_error(
-            job.error_code
-        ):
-            _, ready = records.prepare_resume(s, job_id)
-            return (job_id, ready) if ready else None
-        return None
-
-
-def submit_folder(
-    farm: Farm, folder: str | Path, recursive: bool, pipeline: str, priority: int, params: dict
-) -> Batch:
-    spec = get_pipeline(pipeline)
-    if not spec.needs_input:
-        raise InvalidParameter(f"Pipeline {spec.name!r} takes no input images.")
-    render = RenderParams.from_dict(params)
-    render.img2img_steps()
-    return FolderSubmission(farm, spec, render, priority).run(folder, recursive)
-
-
-def _chunks(items: Sequence, size: int) -> Iterator[list]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]

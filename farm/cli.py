@@ -20,7 +20,7 @@ from rich.table import Table
 
 from farm.api import Farm
 from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env, is_configured
-from farm.errors import FarmError
+from farm.errors import ConfigError, FarmError
 
 app = typer.Typer(
     help="A render farm for AI image generation.",
@@ -99,7 +99,7 @@ def worker(
     from farm.workers import ROLES, worker_command
 
     if role not in ROLES:
-        raise FarmError(f"--role must be cpu or gpu, not {role!r}", code="CONFIG_INVALID")
+        raise ConfigError(f"--role must be cpu or gpu, not {role!r}")
     Settings.from_env()  # fail fast, naming the missing variable
     os.environ["FARM_WORKER_ROLE"] = role
     command = worker_command(name or f"{role}@%h", loglevel)
@@ -220,7 +220,7 @@ def render(
     data_dir: Path | None = DataDir,
 ) -> None:
     """Render every image of a folder; exits 1 if any failed. Re-running skips done inputs."""
-    from farm.render import Follower, summary
+    from farm.follower import Follower, summary
 
     params = _params(locals())
     with _farm(data_dir) as farm:
@@ -322,18 +322,22 @@ def jobs(
 def resume(
     job_id: str | None = typer.Argument(None),
     failed: bool = typer.Option(False, "--failed", help="Resume every failed job."),
+    cancelled: bool = typer.Option(
+        False, "--cancelled", help="With --failed: resume cancelled jobs too."
+    ),
     batch: str | None = typer.Option(None, "--batch", help="With --failed: only this batch."),
 ) -> None:
-    """Resume a job (or --failed ones) from its first stage that is not done."""
+    """Resume a failed or cancelled job (or every --failed one) from its first stage that is
+    not done. A queued, running or done job is refused (NOT_RESUMABLE)."""
     farm = Farm.from_env()
     if failed:
-        resumed = farm.resume_failed(batch)
+        resumed = farm.resume_failed(batch, cancelled=cancelled)
         console.print(f"resumed {len(resumed)} job(s)")
     elif job_id:
         farm.resume(job_id)
         console.print(f"resumed {job_id}")
     else:
-        raise FarmError("give a JOB id or --failed", code="CONFIG_INVALID")
+        raise ConfigError("give a JOB id or --failed")
 
 
 @app.command()
@@ -344,9 +348,31 @@ def cancel(
     """Cancel a job or a batch; a running stage stops at its next step."""
     farm = Farm.from_env()
     if not (job_id or batch):
-        raise FarmError("give a JOB id or --batch ID", code="CONFIG_INVALID")
+        raise ConfigError("give a JOB id or --batch ID")
     count = farm.cancel(job_id, batch=batch) if batch else farm.cancel(job_id)
     console.print(f"cancelled {count} job(s)")
+
+
+@app.command("debug-run")
+def debug_run(job_id: str) -> None:
+    """Run a job's remaining stages in this process, without Celery, to see a failure in the
+    foreground (a failed or cancelled job is reopened first, as resume does)."""
+    from farm.db.job_records import prepare_resume
+    from farm.db.session import transaction
+    from farm.tasks.inline import run_job_inline
+
+    farm = Farm.from_env()
+    logging.getLogger("farm").setLevel(logging.INFO)
+    if farm.get(job_id).status() in ("failed", "cancelled"):
+        with transaction(farm.ctx.db_url) as conn:
+            prepare_resume(conn, job_id)
+        farm.ctx.meta.clear_cancel(job_id)
+    for stage, outcome in run_job_inline(farm.ctx, job_id):
+        console.print(f"{stage:<12} {outcome}")
+    info = farm.get(job_id).info()
+    console.print(f"job {job_id}  [bold]{info.status}[/]")
+    if info.error_code:
+        console.print(f"[red]{info.error_code}[/]: {info.error_message}")
 
 
 @app.command()

@@ -1,4 +1,4 @@
-"""Every error the farm raises on purpose, each with a stable ``code``.
+"""Every error the farm raises on purpose, one class per stable ``code``.
 
     FarmError
      ├── ConfigError             CONFIG_INVALID
@@ -8,20 +8,34 @@
      │    └── InvalidImage       INPUT_NOT_IMAGE, INPUT_CORRUPT, INPUT_TOO_LARGE,
      │                           INPUT_TOO_SMALL, INPUT_BAD_ASPECT, INPUT_UNSUPPORTED,
      │                           INPUT_OUTSIDE, INPUT_UNREADABLE
-     ├── TransientError          (retried with backoff)
+     ├── TransientError          (a service is unreachable: retried with backoff)
      │    ├── StorageError       STORAGE_UNAVAILABLE
      │    ├── DatabaseError      DATABASE_UNAVAILABLE
-     │    └── MetadataError      REDIS_UNAVAILABLE
+     │    ├── MetadataError      REDIS_UNAVAILABLE
+     │    └── BrokerUnavailable  BROKER_UNAVAILABLE
+     ├── StorageRefused          (the store answered and said no: never retried)
+     │    ├── StorageAuthError   STORAGE_AUTH
+     │    ├── BucketMissing      STORAGE_NO_BUCKET
+     │    └── StorageRejected    STORAGE_REJECTED
      ├── ArtifactMissing         ARTIFACT_MISSING
+     ├── ArtifactCorrupt         ARTIFACT_CORRUPT
      ├── ModelError              MODEL_INVALID
      ├── JobNotFound             JOB_NOT_FOUND
+     ├── NotDone                 NOT_DONE
+     ├── NotResumable            NOT_RESUMABLE
+     ├── DuplicateJob            DUPLICATE_JOB
+     ├── LocalStackFailed        LOCAL_STACK_FAILED
+     ├── WorkerFailed            WORKER_FAILED
      ├── JobCancelled            JOB_CANCELLED
      ├── LeaseLost               LEASE_LOST
      ├── StageCrashed            STAGE_CRASHED
      └── StageFailed             STAGE_FAILED
 
-Third-party errors (botocore, redis, psycopg2) are mapped to these at the boundary
-with ``raise ... from exc`` so users never see a library traceback.
+Only ``TransientError`` and its subclasses are ``retryable``, and that is a property of the
+class, never of one instance: ``except TransientError`` can never catch an authentication
+failure. Third-party errors (botocore, redis, psycopg2, kombu) are mapped to these at their
+boundary (the stores, the session, the metadata client, dispatch) with ``raise ... from exc``,
+so users never see a library traceback.
 """
 
 from __future__ import annotations
@@ -33,18 +47,16 @@ class FarmError(Exception):
     code = "FARM_ERROR"
     retryable = False
 
-    def __init__(self, message: str, *, code: str | None = None) -> None:
+    def __init__(self, message: str) -> None:
         super().__init__(message)
         self.message = message
-        if code is not None:
-            self.code = code
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
 
 class ConfigError(FarmError):
-    """A setting is missing or malformed."""
+    """A setting, option or argument is missing or malformed."""
 
     code = "CONFIG_INVALID"
 
@@ -68,9 +80,16 @@ class UnknownPipeline(InputError):
 
 
 class InvalidImage(InputError):
-    """The input is not an image the farm can read (see the code for why)."""
+    """The input is not an image the farm can read; ``code`` (one of the INPUT_* codes in the
+    tree above) says why."""
 
     code = "INPUT_NOT_IMAGE"
+
+    def __init__(self, message: str, *, code: str = "INPUT_NOT_IMAGE") -> None:
+        super().__init__(message)
+        if not code.startswith("INPUT_"):
+            raise ValueError(f"an InvalidImage code starts with INPUT_, not {code!r}")
+        self.code = code
 
 
 class TransientError(FarmError):
@@ -81,7 +100,8 @@ class TransientError(FarmError):
 
 
 class StorageError(TransientError):
-    """The artifact store could not be reached or refused the request."""
+    """The artifact store could not be reached or failed for now (5xx, throttling, a full
+    disk)."""
 
     code = "STORAGE_UNAVAILABLE"
 
@@ -93,15 +113,51 @@ class DatabaseError(TransientError):
 
 
 class MetadataError(TransientError):
-    """Redis could not be reached."""
+    """Redis (progress, leases, cancel flags) could not be reached."""
 
     code = "REDIS_UNAVAILABLE"
+
+
+class BrokerUnavailable(TransientError):
+    """The Celery broker could not be reached, so a message was not sent."""
+
+    code = "BROKER_UNAVAILABLE"
+
+
+class StorageRefused(FarmError):
+    """The artifact store answered and refused the request: retrying will not help."""
+
+    code = "STORAGE_REFUSED"
+
+
+class StorageAuthError(StorageRefused):
+    """The store refused our credentials (or they are missing)."""
+
+    code = "STORAGE_AUTH"
+
+
+class BucketMissing(StorageRefused):
+    """The configured bucket does not exist."""
+
+    code = "STORAGE_NO_BUCKET"
+
+
+class StorageRejected(StorageRefused):
+    """The store rejected the request itself (a 4xx, or a key the backend cannot hold)."""
+
+    code = "STORAGE_REJECTED"
 
 
 class ArtifactMissing(FarmError):
     """An artifact a stage needs is not in the store."""
 
     code = "ARTIFACT_MISSING"
+
+
+class ArtifactCorrupt(FarmError):
+    """An artifact is in the store but is not what was written (damaged or foreign bytes)."""
+
+    code = "ARTIFACT_CORRUPT"
 
 
 class ModelError(FarmError):
@@ -114,6 +170,36 @@ class JobNotFound(FarmError):
     """No job has this id."""
 
     code = "JOB_NOT_FOUND"
+
+
+class NotDone(FarmError):
+    """The job has no output (yet): it is not done."""
+
+    code = "NOT_DONE"
+
+
+class NotResumable(FarmError):
+    """Resume was asked of a job that is running, queued or done."""
+
+    code = "NOT_RESUMABLE"
+
+
+class DuplicateJob(FarmError):
+    """Another submitter recorded a job with the same idempotency key first."""
+
+    code = "DUPLICATE_JOB"
+
+
+class LocalStackFailed(FarmError):
+    """A server of the local stack would not start, answer or stop."""
+
+    code = "LOCAL_STACK_FAILED"
+
+
+class WorkerFailed(FarmError):
+    """A worker process exited or did not become ready."""
+
+    code = "WORKER_FAILED"
 
 
 class JobCancelled(FarmError):

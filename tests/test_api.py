@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from farm import InvalidImage, InvalidParameter, JobNotFound, UnknownPipeline
-from farm.api import NoWorkerWarning
+from farm.job import NoWorkerWarning
 from farm.tasks import faults
 from tests.helpers import sample_png, wait_until
 
@@ -103,7 +103,7 @@ def test_submit_folder_renders_good_files_and_reports_bad_ones(farm, running, tm
 def test_small_inputs_are_packed_per_chunk_and_large_ones_stand_alone(
     farm, running, tmp_path, monkeypatch
 ) -> None:
-    from farm import batch as batching
+    from farm import folder as batching
 
     folder = tmp_path / "in"
     folder.mkdir()
@@ -127,7 +127,7 @@ def test_small_inputs_are_packed_per_chunk_and_large_ones_stand_alone(
 
 
 def test_gc_removes_only_packs_no_job_points_to(farm, running, tmp_path) -> None:
-    from farm.db.records import new_id
+    from farm.db.job_records import new_id
     from farm.storage import keys
     from farm.tasks.gc import orphaned_packs, sweep
 

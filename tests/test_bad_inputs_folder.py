@@ -23,11 +23,11 @@ import pytest
 from PIL import Image
 
 from farm import InvalidParameter, UnknownPipeline
-from farm.api import JobInfo
 from farm.batch import Batch, BatchCounts
-from farm.db import records
+from farm.db import job_records
 from farm.db.session import session_scope
 from farm.inputs import MAX_INPUT_BYTES
+from farm.job import JobInfo
 from tests.helpers import sample_png
 from tests.test_bad_inputs import assert_one_human_sentence, bomb_png, encode, noise_image
 
@@ -131,7 +131,7 @@ def where_found(farm, job: JobInfo) -> str:
 def input_key(farm, job_id: str) -> tuple[str | None, str | None]:
     """Where the job's input is, and its batch."""
     with session_scope(farm.ctx.db_url) as s:
-        job = records.get_job(s, job_id)
+        job = job_records.get_job(s, job_id)
         return job.input_key, job.batch_id
 
 

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 import torch
-from PIL import Image, PngImagePlugin
 
 from farm.errors import FarmError
 from farm.storage.codecs import (
     MAGIC,
-    decode_png,
     decode_tensors,
-    encode_png,
     encode_tensors,
     sha256_hex,
 )
@@ -94,54 +89,6 @@ def test_damaged_checkpoint_is_artifact_corrupt() -> None:
 def test_non_tensor_values_are_refused() -> None:
     with pytest.raises(TypeError, match="steps"):
         encode_tensors({"steps": 30})  # type: ignore[dict-item]
-
-
-def gradient(mode: str = "RGB", size: tuple[int, int] = (64, 48)) -> Image.Image:
-    image = Image.linear_gradient("L").resize(size)
-    return Image.merge("RGB", [image, image.rotate(90), image.transpose(0)]).convert(mode)
-
-
-def test_png_round_trips_pixels_deterministically() -> None:
-    image = gradient()
-    first, second = encode_png(image), encode_png(image.copy())
-    assert first == second
-    decoded = decode_png(first)
-    assert (decoded.mode, decoded.size) == ("RGB", image.size)
-    assert decoded.tobytes() == image.tobytes()
-
-
-def test_png_carries_no_metadata() -> None:
-    text = PngImagePlugin.PngInfo()
-    text.add_text("prompt", "secret prompt")
-    tagged = io.BytesIO()
-    gradient().save(tagged, format="PNG", pnginfo=text, dpi=(300, 300))
-    source = Image.open(tagged)
-    assert source.info
-    data = encode_png(source)
-    assert b"secret prompt" not in data
-    assert decode_png(data).info == {}
-    assert data == encode_png(gradient())
-
-
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
-def test_png_accepts_other_modes(mode: str) -> None:
-    decoded = decode_png(encode_png(gradient(mode)))
-    assert decoded.mode in {"L", "RGB", "RGBA"}
-    assert decoded.size == (64, 48)
-
-
-@pytest.mark.parametrize("data", [b"", b"\x89PNG\r\n\x1a\n" + b"\x00" * 30, b"GIF89a..."])
-def test_png_garbage_is_artifact_corrupt(data: bytes) -> None:
-    with pytest.raises(FarmError) as info:
-        decode_png(data)
-    assert info.value.code == "ARTIFACT_CORRUPT"
-
-
-def test_truncated_png_is_artifact_corrupt() -> None:
-    data = encode_png(gradient())
-    with pytest.raises(FarmError) as info:
-        decode_png(data[: len(data) - 40])
-    assert info.value.code == "ARTIFACT_CORRUPT"
 
 
 def test_sha256_hex() -> None:

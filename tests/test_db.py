@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from farm.db import records
+from farm.db import job_records, stage_records
 from farm.db.migrate import downgrade_base, upgrade_head
 from farm.db.models import Base, StageRun
 from farm.db.session import get_engine, session_scope
@@ -54,9 +54,9 @@ def test_constraint_names_follow_the_convention(stack: StackInfo) -> None:
 
 def new_job(url: str, pipeline: str) -> str:
     """Record a job as submit() does; returns its id."""
-    new = records.NewJob(pipeline=pipeline, params={}, job_id=records.new_id())
+    new = job_records.NewJob(pipeline=pipeline, params={}, job_id=job_records.new_id())
     with session_scope(url) as s:
-        records.insert_jobs(s, get_pipeline(pipeline), [new], failures={})
+        job_records.insert_jobs(s, get_pipeline(pipeline), [new], failures={})
     return new.job_id
 
 
@@ -69,7 +69,7 @@ def test_a_stage_cannot_be_recorded_twice(stack: StackInfo) -> None:
 def test_job_has_one_record_per_stage_from_the_start(stack: StackInfo) -> None:
     job_id = new_job(stack.database_url, "img2img")
     with session_scope(stack.database_url) as s:
-        runs = [(run.stage, run.status) for run in records.get_job(s, job_id).stage_runs]
+        runs = [(run.stage, run.status) for run in job_records.get_job(s, job_id).stage_runs]
     assert runs == [
         ("preprocess", "queued"),
         *[(stage, "pending") for stage in ("encode", "noise", "denoise", "decode", "postprocess")],
@@ -80,16 +80,19 @@ def test_attempt_fences_out_a_replaced_delivery(stack: StackInfo) -> None:
     url = stack.database_url
     job_id = new_job(url, "txt2img")
     with session_scope(url) as s:
-        first = records.begin_stage(s, job_id, "noise", "w1", max_lost=3)
+        first = stage_records.begin_stage(s, job_id, "noise", "w1", max_lost=3)
     with session_scope(url) as s:  # w1 died; a redelivery takes the stage over
-        second = records.begin_stage(s, job_id, "noise", "w2", max_lost=3)
+        second = stage_records.begin_stage(s, job_id, "noise", "w2", max_lost=3)
     assert (first.attempt, second.attempt) == (1, 2)
-    checkpoint = records.Checkpoint("k", 1, "0" * 64, 0.1)
+    checkpoint = stage_records.Checkpoint("k", 1, "0" * 64, 0.1)
     with session_scope(url) as s:
-        assert records.complete_stage(s, job_id, "noise", 1, checkpoint) is None
+        late = stage_records.complete_stage(s, job_id, "noise", 1, checkpoint)
+        assert late.outcome == stage_records.Outcome.FENCED_OUT
     with session_scope(url) as s:
-        assert records.complete_stage(s, job_id, "noise", 2, checkpoint) == ["denoise"]
-        run = records.stage_run(s, job_id, "noise")
+        done = stage_records.complete_stage(s, job_id, "noise", 2, checkpoint)
+        assert (done.outcome, done.ready) == (stage_records.Outcome.ADVANCED, ("denoise",))
+    with session_scope(url) as s:
+        run = next(r for r in job_records.get_job(s, job_id).stage_runs if r.stage == "noise")
         assert (run.status, run.attempts, run.lost_runs, run.worker) == ("done", 2, 1, "w2")
 
 
@@ -99,5 +102,5 @@ def test_poison_guard_fails_after_max_lost_deliveries(stack: StackInfo) -> None:
     actions = []
     for _ in range(4):
         with session_scope(url) as s:
-            actions.append(records.begin_stage(s, job_id, "noise", "w", max_lost=2).action)
+            actions.append(stage_records.begin_stage(s, job_id, "noise", "w", max_lost=2).action)
     assert actions == ["run", "run", "crashed", "crashed"]

@@ -10,7 +10,7 @@ from sqlalchemy import Connection, Engine, create_engine
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.errors import DatabaseError
+from farm.errors import DatabaseError, DuplicateJob
 
 # Errors that mean "the database is unreachable or restarting": worth a retry.
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
@@ -61,6 +61,10 @@ def transaction(url: str) -> Iterator[Connection]:
         yield conn
 
 
+# The one unique constraint two honest submitters can race on (naming convention in models).
+IDEMPOTENCY_CONSTRAINT = "uq_jobs_idempotency_key"
+
+
 @contextmanager
 def _unreachable_is_transient() -> Iterator[None]:
     try:
@@ -68,6 +72,11 @@ def _unreachable_is_transient() -> Iterator[None]:
     except _TRANSIENT as exc:
         reason = type(getattr(exc, "orig", None) or exc).__name__
         raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
+    except sa_exc.IntegrityError as exc:
+        diag = getattr(exc.orig, "diag", None)
+        if getattr(diag, "constraint_name", None) == IDEMPOTENCY_CONSTRAINT:
+            raise DuplicateJob("a job with this idempotency key was recorded meanwhile") from exc
+        raise
 
 
 def dispose_engines() -> None:

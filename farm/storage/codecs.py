@@ -1,4 +1,4 @@
-"""Bytes for the artifact store: tensor checkpoints, PNG images and checksums.
+"""Bytes for the artifact store: tensor checkpoints and checksums.
 
 A tensor checkpoint is ``MAGIC`` followed by one zstd frame (with its content checksum) holding a
 safetensors file. safetensors never unpickles, so a checkpoint cannot run code when loaded; the
@@ -11,25 +11,19 @@ This module imports torch; ``farm.storage`` itself does not, so light processes 
 from __future__ import annotations
 
 import hashlib
-import io
 from collections.abc import Mapping
 
 import torch
 import zstandard
-from PIL import Image
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from farm.errors import FarmError
+from farm.errors import ArtifactCorrupt
 
 # "farm tensors, format 1": bump the digit if the layout after it ever changes.
 MAGIC = b"FARMT\x00\x01\n"
 ZSTD_LEVEL = 3
-# zlib level for PNGs: fixed so the same image always encodes to the same bytes.
-PNG_COMPRESS_LEVEL = 6
-_PNG_MODES = frozenset({"L", "LA", "RGB", "RGBA"})
-CORRUPT = "ARTIFACT_CORRUPT"
 
 
 def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
@@ -42,36 +36,15 @@ def encode_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
 def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
     """The CPU tensors an ``encode_tensors`` checkpoint holds; ``ARTIFACT_CORRUPT`` if damaged."""
     if not data.startswith(MAGIC):
-        raise FarmError("artifact is not a farm tensor checkpoint (bad header)", code=CORRUPT)
+        raise ArtifactCorrupt("artifact is not a farm tensor checkpoint (bad header)")
     try:
         raw = zstandard.ZstdDecompressor().decompress(data[len(MAGIC) :])
     except zstandard.ZstdError as exc:
-        raise FarmError(f"tensor checkpoint is damaged: {exc}", code=CORRUPT) from exc
+        raise ArtifactCorrupt(f"tensor checkpoint is damaged: {exc}") from exc
     try:
         return load_safetensors(raw)
     except (SafetensorError, ValueError) as exc:
-        raise FarmError(f"tensor checkpoint is unreadable: {exc}", code=CORRUPT) from exc
-
-
-def encode_png(image: Image.Image) -> bytes:
-    """PNG bytes of the pixels alone: no text, EXIF or ICC chunks, same image -> same bytes."""
-    if image.mode not in _PNG_MODES:
-        image = image.convert("RGBA" if _has_alpha(image) else "RGB")
-    # A fresh image from the raw pixels carries none of the source's ``info`` metadata.
-    pixels = Image.frombytes(image.mode, image.size, image.tobytes())
-    out = io.BytesIO()
-    pixels.save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return out.getvalue()
-
-
-def decode_png(data: bytes) -> Image.Image:
-    """The image in PNG ``data``, fully loaded; ``ARTIFACT_CORRUPT`` if it isn't a whole PNG."""
-    try:
-        image = Image.open(io.BytesIO(data), formats=["PNG"])
-        image.load()
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise FarmError(f"PNG artifact is unreadable: {exc}", code=CORRUPT) from exc
-    return image
+        raise ArtifactCorrupt(f"tensor checkpoint is unreadable: {exc}") from exc
 
 
 def sha256_hex(data: bytes) -> str:
@@ -94,7 +67,3 @@ def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         seen.add(tensor.untyped_storage().data_ptr())
         prepared[name] = tensor
     return prepared
-
-
-def _has_alpha(image: Image.Image) -> bool:
-    return "A" in image.getbands() or "transparency" in image.info

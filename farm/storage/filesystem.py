@@ -14,7 +14,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
-from farm.errors import ArtifactMissing, FarmError, StorageError
+from farm.errors import ArtifactMissing, FarmError, StorageAuthError, StorageError, StorageRejected
 from farm.storage.base import check_range, validate_key, validate_prefix
 
 # Temporary files start with this; list() hides them and keys may not use the name.
@@ -186,24 +186,16 @@ def _boundary(key: str) -> Iterator[None]:
         raise _map_os_error(exc, key) from exc
 
 
-def _map_os_error(exc: OSError, key: str) -> StorageError:
+def _map_os_error(exc: OSError, key: str) -> FarmError:
     if isinstance(exc, PermissionError):
-        return _permanent(
+        return StorageAuthError(
             f"permission denied on artifact {key!r} ({exc.filename}): check that this user may "
-            "read and write FARM_FS_ROOT",
-            "STORAGE_AUTH",
+            "read and write FARM_FS_ROOT"
         )
     if isinstance(exc, (FileExistsError, IsADirectoryError, NotADirectoryError)):
-        return _permanent(
+        return StorageRejected(
             f"artifact {key!r} clashes with another key: a file system store cannot hold both "
-            "'a' and 'a/b'",
-            "STORAGE_REJECTED",
+            "'a' and 'a/b'"
         )
     # A full disk, a stale NFS handle, an I/O error: maybe gone on the next attempt.
     return StorageError(f"cannot access artifact {key!r} under the store root: {exc}")
-
-
-def _permanent(message: str, code: str) -> StorageError:
-    err = StorageError(message, code=code)
-    err.retryable = False
-    return err

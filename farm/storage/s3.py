@@ -25,7 +25,14 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
-from farm.errors import ArtifactMissing, FarmError, StorageError
+from farm.errors import (
+    ArtifactMissing,
+    BucketMissing,
+    FarmError,
+    StorageAuthError,
+    StorageError,
+    StorageRejected,
+)
 from farm.storage.base import check_range, validate_key, validate_prefix
 
 if TYPE_CHECKING:
@@ -284,7 +291,7 @@ class S3Store:
 
     def _map_error(self, exc: ClientError | BotoCoreError, key: str) -> FarmError:
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
-            return _permanent(f"no S3 credentials were found: {_AUTH_HINT}", "STORAGE_AUTH")
+            return StorageAuthError(f"no S3 credentials were found: {_AUTH_HINT}")
         if isinstance(exc, BotoCoreError):
             # Connection refused/reset, timeouts, a body cut off mid-read: all worth a retry.
             return StorageError(f"cannot reach S3 at {self._where()}: {exc}")
@@ -293,24 +300,22 @@ class S3Store:
     def _map_client_error(self, exc: ClientError, key: str) -> FarmError:
         code, status = _code(exc), _status(exc)
         if code == "NoSuchBucket":
-            return _permanent(
+            return BucketMissing(
                 f"bucket {self.bucket!r} does not exist at {self._where()}: check "
-                "FARM_S3_BUCKET, or create the bucket (`farm up` does)",
-                "STORAGE_NO_BUCKET",
+                "FARM_S3_BUCKET, or create the bucket (`farm up` does)"
             )
         if code in _MISSING_CODES:
             return ArtifactMissing(f"artifact {key!r} is not in bucket {self.bucket!r}")
         if code == "InvalidRange":  # a range read past the object's end
             return ArtifactMissing(f"artifact {key!r} is shorter than the range recorded")
         if code in _AUTH_CODES or status == 403:
-            return _permanent(
-                f"S3 at {self._where()} refused the credentials ({code}): {_AUTH_HINT}",
-                "STORAGE_AUTH",
+            return StorageAuthError(
+                f"S3 at {self._where()} refused the credentials ({code}): {_AUTH_HINT}"
             )
         message = f"S3 at {self._where()} answered {status} {code} for {key!r}"
         if status >= 500 or status == 429 or code in _THROTTLE_CODES:
             return StorageError(message)
-        return _permanent(message, "STORAGE_REJECTED")
+        return StorageRejected(message)
 
     def _where(self) -> str:
         return self.endpoint or f"AWS ({self.region})"
@@ -339,14 +344,6 @@ def _client_kwargs(
         "aws_secret_access_key": secret_key,
         "config": config,
     }
-
-
-def _permanent(message: str, code: str) -> StorageError:
-    # Still a StorageError so callers catch one type, but retrying a wrong key or a missing
-    # bucket only delays the clear failure: the task wrapper reads ``retryable``.
-    err = StorageError(message, code=code)
-    err.retryable = False
-    return err
 
 
 def _code(exc: ClientError) -> str:

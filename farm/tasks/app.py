@@ -1,7 +1,10 @@
 """The Celery app: JSON only, late acks, one message in flight per worker process.
 
-Stage state lives in Postgres, so Celery keeps no results. The broker settings come from
-``Settings``; each worker role adds its own (``worker_configs/``).
+Importing this module configures nothing. ``Farm`` configures the app from its ``Settings``
+(``configure``); ``celery -A farm.tasks worker`` gets its settings from the environment the
+first time Celery reads its configuration (``_worker_defaults``), and each worker role adds its
+own (``worker_configs/ROLE.py``, chosen by FARM_WORKER_ROLE). Stage state lives in Postgres,
+so Celery keeps no results.
 """
 
 from __future__ import annotations
@@ -12,11 +15,12 @@ from importlib import import_module
 from celery import Celery
 from kombu import Exchange, Queue
 
-from farm.config import Settings, is_configured
+from farm.config import Settings
 from farm.errors import ConfigError
 from farm.pipelines import QUEUES
 
 TASK_FOR_QUEUE = {"cpu": "farm.cpu.run_stage", "gpu": "farm.gpu.run_stage"}
+WORKER_ROLES = ("cpu", "gpu")  # each has a settings module worker_configs/ROLE.py
 # Redis lists one queue per priority step; kombu pops step 0 first.
 PRIORITY_STEPS = list(range(10))
 
@@ -83,13 +87,26 @@ def signing_config(settings: Settings) -> dict:
     }
 
 
-def configure(settings: Settings, role: str | None = None) -> Celery:
-    """Point the app at this farm; a worker role's module (worker_configs/ROLE.py) adds to it."""
+def role_config(role: str) -> dict:
+    """A worker role's own Celery settings (worker_configs/ROLE.py)."""
+    if role not in WORKER_ROLES:
+        choices = " or ".join(WORKER_ROLES)
+        raise ConfigError(f"FARM_WORKER_ROLE must be {choices}, not {role[:40]!r}.")
+    return import_module(f"worker_configs.{role}").CELERY
+
+
+def farm_config(settings: Settings, role: str | None = None) -> dict:
     conf = celery_config(settings)
     if settings.signing:
         conf.update(signing_config(settings))
     if role:
-        conf.update(import_module(f"worker_configs.{role}").CELERY)
+        conf.update(role_config(role))
+    return conf
+
+
+def configure(settings: Settings, role: str | None = None) -> Celery:
+    """Point the app at this farm; a worker role's module (worker_configs/ROLE.py) adds to it."""
+    conf = farm_config(settings, role)
     if app.conf.broker_url and app.conf.broker_url != conf["broker_url"]:
         _forget_connections()
     app.conf.update(conf)
@@ -113,17 +130,20 @@ def celery_priority(priority: int) -> int:
     return 9 - max(0, min(9, priority))
 
 
-def _configure_from_env() -> ConfigError | None:
-    """`celery -A farm.tasks worker` imports this module: configure from the environment.
-    A bad setting is kept, not raised, so that importing farm never fails; a worker raises
-    it at start (farm.tasks.worker), the API when it builds its own Settings."""
-    if not is_configured():
-        return None
+startup_error: ConfigError | None = None  # what _worker_defaults could not read
+
+
+def _worker_defaults() -> dict:
+    """The settings `celery -A farm.tasks worker` runs with, read from the environment when
+    Celery first reads its configuration (never at import). A bad setting is kept, not raised
+    here: the worker reports it as one line and exits (farm.tasks.worker)."""
+    global startup_error
     try:
-        configure(Settings.from_env(), os.environ.get("FARM_WORKER_ROLE") or None)
+        settings = Settings.from_env()
+        return farm_config(settings, os.environ.get("FARM_WORKER_ROLE") or None)
     except ConfigError as exc:
-        return exc
-    return None
+        startup_error = exc
+        return {}
 
 
-config_error = _configure_from_env()
+app.add_defaults(_worker_defaults)

@@ -1,16 +1,99 @@
-"""Send stage messages. A message carries (job_id, stage) and nothing else."""
+"""What runs next, and sending it: the one place that decides.
+
+When a stage commits, ``farm.db.stage_records.complete_stage`` works out under the job's row
+lock which stages became ready and marks them queued, so a join stage becomes ready for exactly
+one committer. This module decides what happens to those stages:
+
+- **continue**: at most one of them, on the worker's own queue, runs straight away in the
+  worker that ran the stage before (no broker hop; encode -> noise -> denoise -> decode stay in
+  one GPU process). Only one, so branches that could run in parallel go to other workers;
+- **send**: the others get a message carrying (job_id, stage) and nothing else;
+- **leave to the reconciler**: a message that cannot be sent (the broker is down) stays
+  recorded as queued; the reconciler sends it once the broker holds no copy of it.
+
+``Sender`` is how messages leave: ``BrokerSender`` through Celery, ``InlineSender`` into a local
+queue for the in-process runner (farm.tasks.inline).
+"""
 
 from __future__ import annotations
 
 import logging
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
 
+import redis
 from kombu.exceptions import KombuError, OperationalError
 
-from farm.errors import MetadataError
+from farm.errors import BrokerUnavailable, TransientError
 from farm.pipelines import get_pipeline
 from farm.tasks.app import TASK_FOR_QUEUE, app, celery_priority
 
 log = logging.getLogger(__name__)
+
+# What kombu may raise when the broker is unreachable: its own error, or the transport's.
+_BROKER_DOWN = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
+
+
+@dataclass(frozen=True)
+class Next:
+    """What a committed stage leads to."""
+
+    continue_with: str | None = None  # run now, in this worker
+    send: tuple[str, ...] = ()  # give to the broker
+
+
+def plan(pipeline: str, ready: Sequence[str], serves: str | None) -> Next:
+    """Of the stages that just became ready, continue the first one on ``serves`` (the queue
+    of the worker that committed) and send the rest."""
+    queue_of = get_pipeline(pipeline).stage
+    here = next((stage for stage in ready if queue_of(stage).queue == serves), None)
+    return Next(here, tuple(stage for stage in ready if stage != here))
+
+
+class Sender(Protocol):
+    def send(
+        self,
+        job_id: str,
+        pipeline: str,
+        stages: Iterable[str],
+        priority: int,
+        countdown: float | None = None,
+    ) -> None:
+        """Hand these stages of the job to whatever runs them next (after ``countdown`` s)."""
+
+
+class BrokerSender:
+    """Messages through the Celery broker."""
+
+    def send(
+        self,
+        job_id: str,
+        pipeline: str,
+        stages: Iterable[str],
+        priority: int,
+        countdown: float | None = None,
+    ) -> None:
+        for stage in stages:
+            send_stage(job_id, pipeline, stage, priority, countdown=countdown)
+
+
+@dataclass
+class InlineSender:
+    """Stages to run in this process, in the order they became ready."""
+
+    pending: deque[str] = field(default_factory=deque)
+
+    def send(
+        self,
+        job_id: str,
+        pipeline: str,
+        stages: Iterable[str],
+        priority: int,
+        countdown: float | None = None,
+    ) -> None:
+        self.pending.extend(stages)  # in order; a backoff means nothing in one process
 
 
 def send_stage(
@@ -35,15 +118,8 @@ def send_stage(
             retry=True,
             retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
         )
-    except OperationalError as exc:
-        raise MetadataError(f"The broker is unreachable ({exc.__class__.__name__})") from exc
-
-
-def send_stages(
-    job_id: str, pipeline: str, stages: list[str], priority: int, producer=None
-) -> None:
-    for stage in stages:
-        send_stage(job_id, pipeline, stage, priority, producer)
+    except _BROKER_DOWN as exc:
+        raise BrokerUnavailable(f"the broker is unreachable ({type(exc).__name__})") from exc
 
 
 def send_many(pipeline: str, jobs: list[tuple[str, list[str]]], priority: int) -> None:
@@ -53,8 +129,23 @@ def send_many(pipeline: str, jobs: list[tuple[str, list[str]]], priority: int) -
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for job_id, stages in jobs:
-                send_stages(job_id, pipeline, stages, priority, producer)
-    except (KombuError, MetadataError) as exc:
+                for stage in stages:
+                    send_stage(job_id, pipeline, stage, priority, producer)
+    except (KombuError, BrokerUnavailable, *_BROKER_DOWN) as exc:
         log.warning("batched send of %d jobs failed (%s); sending one by one", len(jobs), exc)
         for job_id, stages in jobs:
-            send_stages(job_id, pipeline, stages, priority)
+            BrokerSender().send(job_id, pipeline, stages, priority)
+
+
+def send_or_leave(
+    sender: Sender, job_id: str, pipeline: str, stages: Iterable[str], priority: int, **kw
+) -> bool:
+    """Send, or leave the stages to the reconciler if the broker is down (they stay recorded
+    as queued). True if sent."""
+    stages = list(stages)
+    try:
+        sender.send(job_id, pipeline, stages, priority, **kw)
+    except TransientError as exc:
+        log.warning("%s %s not sent (%s); the reconciler will send them", job_id, stages, exc)
+        return False
+    return True

@@ -16,49 +16,48 @@ from __future__ import annotations
 
 import logging
 
-from farm.db import records
-from farm.db.session import session_scope
+from farm.db import reconcile_queries as queries
+from farm.db.session import session_scope, transaction
 from farm.pipelines import QUEUES
 from farm.storage import keys
 from farm.tasks.broker_scan import held_stages
 from farm.tasks.context import Context
-from farm.tasks.dispatch import send_stage
+from farm.tasks.dispatch import BrokerSender, Sender
 
 log = logging.getLogger(__name__)
 
 
-def reconcile(ctx: Context) -> list[tuple[str, str]]:
+def reconcile(ctx: Context, sender: Sender | None = None) -> list[tuple[str, str]]:
     """One pass; returns the (job_id, stage) pairs it re-enqueued."""
-    return requeue_dead(ctx) + resend_lost(ctx)
+    sender = sender or BrokerSender()
+    return requeue_dead(ctx, sender) + resend_lost(ctx, sender)
 
 
-def requeue_dead(ctx: Context) -> list[tuple[str, str]]:
+def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
     with session_scope(ctx.db_url) as s:
-        dead = records.expire_stale_stages(s, ctx.settings.lease_ttl)
-        dead = [(job.id, job.pipeline, stage, job.priority) for job, stage in dead]
-    for job_id, pipeline, stage, priority in dead:
-        log.warning("re-enqueueing %s/%s: its worker stopped beating", job_id, stage)
-        send_stage(job_id, pipeline, stage, priority)
-    return [(job_id, stage) for job_id, _, stage, _ in dead]
+        dead = queries.expire_stale_stages(s, ctx.settings.lease_ttl)
+    for ref in dead:
+        log.warning("re-enqueueing %s/%s: its worker stopped beating", ref.job_id, ref.stage)
+        sender.send(ref.job_id, ref.pipeline, [ref.stage], ref.priority)
+    return [(ref.job_id, ref.stage) for ref in dead]
 
 
-def resend_lost(ctx: Context) -> list[tuple[str, str]]:
+def resend_lost(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
     if ctx.broker_redis is None:
         return []  # only a Redis broker can be inspected
     grace = 3 * ctx.settings.reconcile_interval
     with session_scope(ctx.db_url) as s:
-        waiting = records.stale_queued_stages(s, grace)
-        waiting = [(job.id, job.pipeline, stage, job.priority) for job, stage in waiting]
+        waiting = queries.stale_queued_stages(s, grace)
     if not waiting:
         return []
     held = held_stages(ctx.broker_redis, QUEUES, taken_within=grace)
-    lost = [w for w in waiting if (w[0], w[2]) not in held]
-    for job_id, pipeline, stage, priority in lost:
-        log.warning("re-sending %s/%s: the broker no longer holds its message", job_id, stage)
-        send_stage(job_id, pipeline, stage, priority)
-    with session_scope(ctx.db_url) as s:
-        records.touch_queued(s, [(job_id, stage) for job_id, _, stage, _ in lost])
-    return [(job_id, stage) for job_id, _, stage, _ in lost]
+    lost = [ref for ref in waiting if (ref.job_id, ref.stage) not in held]
+    for ref in lost:
+        log.warning("re-sending %s/%s: the broker lost its message", ref.job_id, ref.stage)
+        sender.send(ref.job_id, ref.pipeline, [ref.stage], ref.priority)
+    with transaction(ctx.db_url) as conn:
+        queries.touch_queued(conn, lost)
+    return [(ref.job_id, ref.stage) for ref in lost]
 
 
 def reconcile_once_across_farm(ctx: Context) -> list[tuple[str, str]]:

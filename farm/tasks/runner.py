@@ -2,7 +2,7 @@
 
 Order matters for exactly-once effect on an at-least-once broker: the checkpoint object is
 written first (deterministic key, so a rerun overwrites it), then the record commits, fenced by
-the attempt number; only then are the next stages enqueued.
+the attempt number; only then does farm.tasks.dispatch hand on what became ready.
 """
 
 from __future__ import annotations
@@ -12,47 +12,29 @@ import threading
 import time
 import uuid
 
-import botocore.exceptions
-import kombu.exceptions
-import redis
-import sqlalchemy.exc
-
 from farm import stages as stage_ops
-from farm.db import records
+from farm.db import stage_records
+from farm.db.job_records import get_job, queued_and_ready
 from farm.db.models import JobStatus
 from farm.db.session import session_scope, transaction
-from farm.errors import (
-    FarmError,
-    JobCancelled,
-    LeaseLost,
-    MetadataError,
-    StageCrashed,
-    TransientError,
-)
+from farm.db.stage_records import BeginAction, Checkpoint, JobRow, Outcome
+from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed
 from farm.params import RenderParams
 from farm.pipelines import StageSpec, get_pipeline
 from farm.storage import keys
 from farm.storage.codecs import decode_tensors, encode_tensors, sha256_hex
-from farm.tasks import faults
+from farm.tasks import dispatch, faults
 from farm.tasks.context import Context
-from farm.tasks.dispatch import send_stages
 
 log = logging.getLogger(__name__)
 
-# Connection trouble with Redis, Postgres, S3 or the broker: retried, never a job failure.
-TRANSIENT_ERRORS = (
-    ConnectionError,
-    TimeoutError,
-    redis.ConnectionError,
-    redis.TimeoutError,
-    kombu.exceptions.OperationalError,
-    sqlalchemy.exc.OperationalError,
-    botocore.exceptions.ConnectionError,
-)
-
 
 class LeaseKeeper(threading.Thread):
-    """Renews the stage's Redis lease and Postgres heartbeat while the stage runs."""
+    """Renews the stage's Redis lease and beats its Postgres heartbeat while the stage runs.
+
+    The two are independent: Redis being down must not stop the Postgres heartbeat (the
+    reconciler would take the stage for dead and send it again), and a Postgres outage must
+    not stop the lease."""
 
     def __init__(self, ctx: Context, job_id: str, stage: str, token: str, attempt: int):
         super().__init__(daemon=True, name=f"lease-{job_id[:8]}-{stage}")
@@ -64,17 +46,25 @@ class LeaseKeeper(threading.Thread):
     def run(self) -> None:
         ttl = self.ctx.settings.lease_ttl
         while not self._stop_event.wait(ttl / 3):
-            try:
-                self._renew(ttl)
-            except FarmError as exc:
-                log.warning("lease renewal for %s/%s failed: %s", self.job_id, self.stage, exc)
+            self._renew_lease(ttl)
+            self._beat()
 
-    def _renew(self, ttl: float) -> None:
-        held = self.ctx.meta.renew_lease(self.job_id, self.stage, self.token, ttl)
-        with transaction(self.ctx.db_url) as conn:
-            ours = records.heartbeat(conn, self.job_id, self.stage, self.attempt)
-        if not (held and ours):
-            self.lost = True
+    def _renew_lease(self, ttl: float) -> None:
+        try:
+            if not self.ctx.meta.renew_lease(self.job_id, self.stage, self.token, ttl):
+                self.lost = True  # another delivery holds it now
+        except FarmError as exc:
+            log.warning("lease renewal for %s/%s failed: %s", self.job_id, self.stage, exc)
+
+    def _beat(self) -> None:
+        try:
+            with transaction(self.ctx.db_url) as conn:
+                ours = stage_records.heartbeat(conn, self.job_id, self.stage, self.attempt)
+        except FarmError as exc:
+            log.warning("heartbeat for %s/%s failed: %s", self.job_id, self.stage, exc)
+            return
+        if not ours:
+            self.lost = True  # the record moved on: another attempt owns the stage
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -83,13 +73,12 @@ class LeaseKeeper(threading.Thread):
 class StageRun:
     """One delivery of one (job, stage).
 
-    ``serves``: the queue of the worker running it. A next stage on that same queue is not
-    sent through the broker but left in ``continue_with`` for this worker to run straight
-    away (encode -> noise -> denoise -> decode stay in one GPU process, and a job finishes
-    before the next one starts rather than all jobs advancing a stage at a time). It is
-    recorded as queued like any other, so every guarantee of a separate delivery holds: its
-    own lease, attempt, checkpoint and record, and a dead worker's stage is found by its
-    stale heartbeat and sent again.
+    ``serves``: the queue of the worker running it; dispatch may leave a next stage on that
+    queue in ``continue_with`` for this worker to run straight away. A continued stage is
+    recorded as queued like any other, so every guarantee of a separate delivery holds: its own
+    lease, attempt, checkpoint and record, and a dead worker's stage is found by its stale
+    heartbeat and sent again. ``sender``: how the other next stages leave (the broker, or the
+    in-process runner's queue).
     """
 
     def __init__(
@@ -100,15 +89,17 @@ class StageRun:
         worker: str,
         retry: bool = False,
         serves: str | None = None,
+        sender: dispatch.Sender | None = None,
     ) -> None:
         self.ctx, self.job_id, self.stage, self.worker = ctx, job_id, stage, worker
         self.retry = retry  # Celery's retry after a transient fault, not a redelivery
         self.serves = serves
+        self.sender = sender or dispatch.BrokerSender()
         self.token = uuid.uuid4().hex
         self.attempt: int | None = None
         self.keeper: LeaseKeeper | None = None
         self.continue_with: str | None = None
-        self.job: records.JobRow | None = None  # once begun
+        self.job: JobRow | None = None  # once begun
         self._cancelled = False
 
     def execute(self) -> str:
@@ -124,30 +115,16 @@ class StageRun:
             self._live("release_lease", self.job_id, self.stage, self.token)
 
     def _execute_with_lease(self) -> str:
-        begin = self._begin()
-        if begin.action == "skip":
+        if self._begin() != BeginAction.RUN:
             self._resend_lost()
             return "skip"
-        pipeline = get_pipeline(begin.job.pipeline)
-        params = RenderParams.from_dict(begin.job.params)
         try:
-            faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
-            if self._cancelled:
-                raise JobCancelled("cancelled by request")
-            self._check_lease()
-            spec = pipeline.stage(self.stage)
-            op = stage_ops.STAGES[spec.op]
-            started = time.perf_counter()
-            output = self._run_op(spec, op, params, begin.job)
-            self._commit(
-                op, pipeline.name, begin.job.priority, output, time.perf_counter() - started
-            )
-            return "done"
+            return self._run_and_commit()
         except JobCancelled:
             self._record_cancel()
             return "cancelled"
-        except LeaseLost:
-            log.warning("%s/%s: lease lost, dropping this delivery", self.job_id, self.stage)
+        except LeaseLost as exc:
+            log.warning("%s/%s: %s; dropping this delivery", self.job_id, self.stage, exc)
             return "lease-lost"
         except FarmError as exc:
             if exc.retryable:  # a service is down: back to queued, Celery retries with backoff
@@ -155,56 +132,66 @@ class StageRun:
                 raise
             self._fail(exc.code, exc.message)
             return "failed"
-        except TRANSIENT_ERRORS as exc:  # a library error that escaped its boundary mapping
-            self._requeue(f"{type(exc).__name__}: {exc}")
-            raise TransientError(f"{self.stage}: {type(exc).__name__}: {exc}") from exc
         except Exception as exc:
             log.exception("%s/%s crashed", self.job_id, self.stage)
             self._fail("STAGE_FAILED", f"{self.stage} failed: {type(exc).__name__}: {exc}")
             return "failed"
 
+    def _run_and_commit(self) -> str:
+        # The stored parameters are checked again here, so that a record written by another
+        # version fails this stage with INVALID_PARAM instead of crashing the delivery.
+        params = RenderParams.from_dict(self.job.params)
+        faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
+        if self._cancelled:
+            raise JobCancelled("cancelled by request")
+        self._check_lease()
+        spec = get_pipeline(self.job.pipeline).stage(self.stage)
+        op = stage_ops.STAGES[spec.op]
+        started = time.perf_counter()
+        output = self._run_op(spec, op, params)
+        return self._commit(op, output, time.perf_counter() - started)
+
     # 1. take the stage in Postgres (attempt + 1), start heartbeating
-    def _begin(self) -> records.Begin:
+    def _begin(self) -> BeginAction:
         with transaction(self.ctx.db_url) as conn:
             max_lost = self.ctx.settings.max_deliveries
-            begin = records.begin_stage(
+            begin = stage_records.begin_stage(
                 conn, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
             )
         self.job = begin.job
-        if begin.action == "crashed":
+        if begin.action == BeginAction.CRASHED:
             crash = StageCrashed(
                 f"{self.stage} killed its worker {begin.attempt} times; giving up. "
                 "Check the worker logs (out of memory?), then `farm resume`."
             )
             self._fail(crash.code, crash.message)
-            return records.Begin("skip", job=begin.job)
-        if begin.action == "run":
+        if begin.action == BeginAction.RUN:
             self.attempt = begin.attempt
             self.keeper = LeaseKeeper(self.ctx, self.job_id, self.stage, self.token, begin.attempt)
             self.keeper.start()
             # publish the start and read the cancel flag in one round trip
             started = {"status": "running", "stage": self.stage, "step": 0}
             self._cancelled = bool(self._live("report_step", self.job_id, **started))
-        return begin
+        return begin.action
 
     def _resend_lost(self) -> None:
         """A redelivered, finished stage: make sure its successors' messages went out (the
         first delivery may have died between commit and send). Duplicates are no-ops."""
         with session_scope(self.ctx.db_url) as s:
-            job = records.get_job(s, self.job_id)
+            job = get_job(s, self.job_id)
             if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
                 return
-            lost, pipeline, priority = records.queued_and_ready(job), job.pipeline, job.priority
-        send_stages(self.job_id, pipeline, lost, priority)
+            lost, pipeline, priority = queued_and_ready(job), job.pipeline, job.priority
+        self.sender.send(self.job_id, pipeline, lost, priority)
 
     # 2. load inputs, run the plain stage function
-    def _run_op(self, spec: StageSpec, op, params: RenderParams, job: records.JobRow):
-        inputs = self._load_inputs(spec, job)
+    def _run_op(self, spec: StageSpec, op, params: RenderParams):
+        inputs = self._load_inputs(spec)
         model = self._model() if op.needs_model else None
         return op.run(inputs, params, model, Hooks(self))
 
-    def _load_inputs(self, spec: StageSpec, job: records.JobRow):
-        store = self.ctx.store
+    def _load_inputs(self, spec: StageSpec):
+        store, job = self.ctx.store, self.job
         if not spec.after:  # the submitted input: its own object or a range of a packed one
             if job.input_key is None:
                 return None
@@ -221,8 +208,8 @@ class StageRun:
 
         return load_model(self.ctx.settings.model, self.ctx.settings.data_dir)
 
-    # 3. write the checkpoint, then commit the record (fenced), then enqueue what is next
-    def _commit(self, op, pipeline: str, priority: int, output, duration: float) -> None:
+    # 3. write the checkpoint, then commit the record (fenced), then hand on what is next
+    def _commit(self, op, output, duration: float) -> str:
         self._check_lease()
         if op.output == "png":
             data, key = output, keys.artifact_key(self.job_id, self.stage, "png")
@@ -231,19 +218,29 @@ class StageRun:
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "upload")
         self.ctx.store.put(key, data)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "commit")
-        checkpoint = records.Checkpoint(key, len(data), sha256_hex(data), duration)
+        checkpoint = Checkpoint(key, len(data), sha256_hex(data), duration)
         with transaction(self.ctx.db_url) as conn:
-            nxt = records.complete_stage(conn, self.job_id, self.stage, self.attempt, checkpoint)
-        if nxt is None:
-            raise LeaseLost("the record moved on while this delivery ran")
-        if not nxt:
+            done = stage_records.complete_stage(
+                conn, self.job_id, self.stage, self.attempt, checkpoint
+            )
+        if done.outcome == Outcome.FENCED_OUT:
+            raise LeaseLost("another delivery took over this stage while it ran")
+        if done.outcome == Outcome.JOB_STOPPED:
+            log.info("%s/%s done, but its job was stopped meanwhile", self.job_id, self.stage)
+            return "stopped"
+        if done.outcome == Outcome.FINISHED:
             self._live("finish", self.job_id, "done")
-            return
-        spec = get_pipeline(pipeline).stage
-        self.continue_with = next((s for s in nxt if spec(s).queue == self.serves), None)
-        send_stages(self.job_id, pipeline, [s for s in nxt if s != self.continue_with], priority)
+            return "done"
+        self._hand_on(done.ready)
+        return "done"
+
+    def _hand_on(self, ready: tuple[str, ...]) -> None:
+        job = self.job
+        nxt = dispatch.plan(job.pipeline, ready, self.serves)
+        self.continue_with = nxt.continue_with
+        self.sender.send(self.job_id, job.pipeline, nxt.send, job.priority)
         if not self.continue_with:  # a continued stage publishes its own start
-            self._live("set_state", self.job_id, status="running", stage=nxt[0], step=0)
+            self._live("set_state", self.job_id, status="running", stage=ready[0], step=0)
 
     def _live(self, method: str, *args, **kwargs):
         """Live metadata is best-effort: Redis holds nothing Postgres cannot rebuild, so a
@@ -259,21 +256,21 @@ class StageRun:
             raise LeaseLost("another delivery took over this stage")
 
     def _record_cancel(self) -> None:
-        with session_scope(self.ctx.db_url) as s:
-            records.cancel_stage(s, self.job_id, self.stage, self.attempt)
+        with transaction(self.ctx.db_url) as conn:
+            stage_records.cancel_stage(conn, self.job_id, self.stage, self.attempt)
         self._live("finish", self.job_id, "cancelled")
 
     def _requeue(self, reason: str) -> None:
         try:
-            with session_scope(self.ctx.db_url) as s:
-                records.requeue_stage(s, self.job_id, self.stage, self.attempt, reason)
+            with transaction(self.ctx.db_url) as conn:
+                stage_records.requeue_stage(conn, self.job_id, self.stage, self.attempt, reason)
         except FarmError:
             pass  # the database itself is down; the retry will find the record as it was
 
     def _fail(self, code: str, message: str) -> None:
         log.warning("%s/%s failed: %s: %s", self.job_id, self.stage, code, message)
-        with session_scope(self.ctx.db_url) as s:
-            records.fail_stage(s, self.job_id, self.stage, self.attempt, code, message)
+        with transaction(self.ctx.db_url) as conn:
+            stage_records.fail_stage(conn, self.job_id, self.stage, self.attempt, code, message)
         self._live("finish", self.job_id, "failed")
 
 

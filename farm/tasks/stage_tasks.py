@@ -7,11 +7,9 @@ import random
 
 from celery import Task
 
-from farm.db.records import JobRow
 from farm.errors import FarmError
-from farm.tasks import context
+from farm.tasks import context, dispatch
 from farm.tasks.app import app
-from farm.tasks.dispatch import send_stage
 from farm.tasks.runner import StageRun
 
 log = logging.getLogger(__name__)
@@ -23,8 +21,8 @@ MAX_BACKOFF_S = 60
 
 
 def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
-    """Run the delivered stage, then any next stage of the job on this same queue (see
-    StageRun: no broker hop between them, each still its own checkpointed, recorded stage)."""
+    """Run the delivered stage, then any next stage of the job that dispatch continues in
+    this worker (no broker hop between them, each still its own checkpointed, recorded stage)."""
     ctx, worker, retry = context.current(), task.request.hostname, bool(task.request.retries)
     run = StageRun(ctx, job_id, stage, worker, retry, queue)
     try:
@@ -43,20 +41,14 @@ def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
         except FarmError as exc:
             if not exc.retryable:
                 raise
-            return _retry_continued(job, run.stage, exc)
+            # This message's own stage is done, so the continued one gets a message of its
+            # own, with its own retry count; with the broker down too, the reconciler sends it.
+            log.warning("%s/%s: %s; sending it as its own message", job_id, run.stage, exc)
+            dispatch.send_or_leave(
+                run.sender, job_id, job.pipeline, [run.stage], job.priority, countdown=_backoff(0)
+            )
+            return "requeued"
     return outcome
-
-
-def _retry_continued(job: JobRow, stage: str, exc: FarmError) -> str:
-    """A transient fault in a continued stage: this message's own stage is done, so the
-    continued one gets a message of its own, with its own retry count. Should the broker
-    be down too, its record stays queued and the reconciler sends it."""
-    log.warning("%s/%s: %s; sending it as its own message", job.id, stage, exc)
-    try:
-        send_stage(job.id, job.pipeline, stage, job.priority, countdown=_backoff(0))
-    except FarmError as send_error:
-        log.warning("%s/%s not sent (%s); the reconciler will", job.id, stage, send_error)
-    return "requeued"
 
 
 def _backoff(retries: int) -> float:

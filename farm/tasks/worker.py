@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -57,8 +58,13 @@ _beat: Beat | None = None
 
 @signals.celeryd_init.connect
 def _check_settings(**_: object) -> None:
-    if app_module.config_error is not None:
-        raise app_module.config_error
+    """A worker whose settings are bad says so in one line and exits (a signal handler's
+    Exception would only be logged by Celery, and the worker would start misconfigured)."""
+    app_module.app.conf.broker_url  # noqa: B018 -- reading the configuration loads it
+    error = app_module.startup_error
+    if error is not None:
+        print(f"error {error.code}: {error.message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)
 
 
 @signals.worker_process_init.connect

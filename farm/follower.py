@@ -1,4 +1,5 @@
-"""`farm render`: follow a batch with progress bars, write outputs, print a summary."""
+"""The terminal follower of `farm render`: progress bars, outputs written as jobs finish, a
+summary at the end."""
 
 from __future__ import annotations
 
@@ -11,9 +12,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from farm.api import Farm, Job, JobInfo
+from farm.api import Farm
 from farm.batch import Batch
 from farm.db.models import JobStatus
+from farm.job import Job, JobInfo
 
 POLL_S = 0.5
 SHOWN_RUNNING = 4  # per-job lines under the overall bar
@@ -69,7 +71,7 @@ class Follower:
     def _show_running(self, bars: Progress, lines: list, jobs: list[JobInfo]) -> None:
         running = [j for j in jobs if j.status == JobStatus.RUNNING][: len(lines)]
         for line, job in zip(lines, running, strict=False):
-            p = Job(self.farm, job.id).progress()
+            p = Job(self.farm.ctx, job.id).progress()
             text = f"  {job.input_name}: {p.stage or '…'}"
             total = p.steps if p.stage == "denoise" and p.steps else None
             bars.update(line, description=text, total=total, completed=p.step, visible=True)

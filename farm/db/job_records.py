@@ -1,0 +1,185 @@
+"""Job-record operations of the submitting side: record, find, resume and cancel jobs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import func, insert, select, update
+from sqlalchemy.orm import Session, joinedload
+
+from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageStatus
+from farm.db.rows import Conn, jobs, lock_job, mark_queued, runs, stage_statuses, update_job
+from farm.errors import FarmError, JobNotFound, NotResumable
+from farm.pipelines import Pipeline, get_pipeline
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What submit() records before anything is enqueued."""
+
+    pipeline: str
+    params: dict
+    priority: int = 5
+    batch_id: str | None = None
+    input_name: str | None = None
+    input_key: str | None = None
+    idempotency_key: str | None = None
+    job_id: str | None = None
+    input_offset: int | None = None  # a packed input's byte range in ``input_key``
+    input_size: int | None = None
+
+
+def create_batch(session: Session, source: str | None, params: dict) -> Batch:
+    batch = Batch(id=new_id(), source=source, params=params)
+    session.add(batch)
+    return batch
+
+
+def insert_jobs(
+    conn: Conn, pipeline: Pipeline, new_jobs: list[NewJob], failures: dict[str, FarmError]
+) -> list[str]:
+    """Insert jobs of one pipeline, each with one record per stage, in two statements (jobs,
+    then their stage records). Jobs in ``failures`` are recorded as failed at submit; the
+    others get their first stages queued. Returns the ids of the jobs to enqueue. Core
+    statements: the ORM's per-object bookkeeping would cost more than the database itself."""
+    if not new_jobs:
+        return []
+    # The database's clock, as everywhere else (the reconciler compares queued_at with it).
+    now = conn.execute(select(func.now())).scalar_one()
+    first = {spec.name for spec in pipeline.ready(())}
+    # Table-level inserts: one multi-row statement each (the ORM would split rows by shape).
+    conn.execute(insert(jobs), [_job_row(new, failures.get(new.job_id), now) for new in new_jobs])
+    conn.execute(
+        insert(runs),
+        [
+            _stage_row(new.job_id, i, spec, spec.name in first and new.job_id not in failures, now)
+            for new in new_jobs
+            for i, spec in enumerate(pipeline.stages)
+        ],
+    )
+    return [new.job_id for new in new_jobs if new.job_id not in failures]
+
+
+def _job_row(new: NewJob, error: FarmError | None, now: datetime) -> dict:
+    return {
+        "id": new.job_id,
+        "pipeline": new.pipeline,
+        "params": new.params,
+        "status": JobStatus.FAILED if error else JobStatus.QUEUED,
+        "priority": new.priority,
+        "batch_id": new.batch_id,
+        "input_name": new.input_name,
+        "input_key": new.input_key,
+        "input_offset": new.input_offset,
+        "input_size": new.input_size,
+        "idempotency_key": new.idempotency_key,
+        "error_code": error.code if error else None,
+        "error_message": error.message if error else None,
+        "finished_at": now if error else None,
+    }
+
+
+def _stage_row(job_id: str, position: int, spec, queued: bool, now: datetime) -> dict:
+    return {
+        "job_id": job_id,
+        "stage": spec.name,
+        "position": position,
+        "queue": spec.queue,
+        "status": StageStatus.QUEUED if queued else StageStatus.PENDING,
+        "attempts": 0,
+        "lost_runs": 0,
+        "queued_at": now if queued else None,
+    }
+
+
+def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
+    """The job with its stage records (``lock``: the job row FOR UPDATE first)."""
+    if lock:
+        lock_job(session, job_id)
+    query = select(Job).where(Job.id == job_id).options(joinedload(Job.stage_runs))
+    job = session.scalars(query).unique().one_or_none()
+    if job is None:
+        raise JobNotFound(f"No job with id {job_id!r}.")
+    return job
+
+
+def find_by_idempotency_key(session: Session, key: str) -> Job | None:
+    return session.scalars(select(Job).where(Job.idempotency_key == key)).one_or_none()
+
+
+def done_stages(job: Job) -> set[str]:
+    return {run.stage for run in job.stage_runs if run.status == StageStatus.DONE}
+
+
+def mark_cancelled(conn: Conn, job_id: str) -> bool:
+    """Cancel the job unless it already ended; True if it is cancelled now."""
+    (status,) = lock_job(conn, job_id, jobs.c.status)
+    if status in TERMINAL:
+        return status == JobStatus.CANCELLED
+    update_job(
+        conn,
+        job_id,
+        status=JobStatus.CANCELLED,
+        error_code="JOB_CANCELLED",
+        error_message="Cancelled by request.",
+        finished_at=func.now(),
+    )
+    conn.execute(
+        update(runs)
+        .where(runs.c.job_id == job_id)
+        .where(runs.c.status.in_([StageStatus.PENDING, StageStatus.QUEUED]))
+        .values(status=StageStatus.CANCELLED)
+    )
+    return True
+
+
+def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
+    """Reopen a failed or cancelled job: every stage not done goes back to pending, and the
+    ready ones are marked queued and returned, with the job's pipeline and priority. Done
+    stages keep their records and are not re-run. NotResumable for any other job: resuming a
+    running one would throw its running stage's work away."""
+    status, pipeline_name, priority = lock_job(
+        conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority
+    )
+    _check_resumable(job_id, status)
+    conn.execute(
+        update(runs)
+        .where(runs.c.job_id == job_id, runs.c.status != StageStatus.DONE)
+        .values(status=StageStatus.PENDING, lost_runs=0)
+    )
+    update_job(
+        conn,
+        job_id,
+        status=JobStatus.QUEUED,
+        error_code=None,
+        error_message=None,
+        finished_at=None,
+    )
+    statuses = stage_statuses(conn, job_id)
+    done = {name for name, s in statuses.items() if s == StageStatus.DONE}
+    ready = [spec.name for spec in get_pipeline(pipeline_name).ready(done)]
+    mark_queued(conn, job_id, ready)
+    return pipeline_name, priority, ready
+
+
+def _check_resumable(job_id: str, status: str) -> None:
+    if status == JobStatus.DONE:
+        raise NotResumable(f"job {job_id} is done; there is nothing to resume.")
+    if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
+        raise NotResumable(
+            f"job {job_id} is {status}; resume takes failed or cancelled jobs "
+            f"(wait for it, or `farm cancel {job_id}` first)."
+        )
+
+
+def queued_and_ready(job: Job) -> list[str]:
+    """Stages recorded as queued whose inputs are done: the ones a message should be out for
+    (the reconciler and a redelivered stage re-send them; the in-process runner runs them)."""
+    ready = {spec.name for spec in get_pipeline(job.pipeline).ready(done_stages(job))}
+    return [r.stage for r in job.stage_runs if r.status == StageStatus.QUEUED and r.stage in ready]

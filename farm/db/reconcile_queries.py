@@ -1,0 +1,71 @@
+"""The reconciler's queries: stages whose worker died, and queued stages whose message may
+have been lost with the broker (see farm.tasks.reconcile)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from farm.db.models import Job, JobStatus, StageRun, StageStatus
+from farm.db.rows import Conn, lock_job
+
+
+@dataclass(frozen=True)
+class StageRef:
+    """A stage to send again, with what sending needs to know of its job."""
+
+    job_id: str
+    pipeline: str
+    stage: str
+    priority: int
+
+
+def expire_stale_stages(session: Session, ttl_s: float) -> list[StageRef]:
+    """Stages whose worker stopped beating (database clock): back to queued, counted as lost."""
+    cutoff = func.now() - timedelta(seconds=ttl_s)
+    rows = session.execute(
+        update(StageRun)
+        .where(StageRun.status == StageStatus.RUNNING, StageRun.heartbeat_at < cutoff)
+        .where(StageRun.job_id.in_(select(Job.id).where(Job.status == JobStatus.RUNNING)))
+        .values(status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1, queued_at=func.now())
+        .returning(StageRun.job_id, StageRun.stage)
+    ).all()
+    return _refs(session, rows)
+
+
+def stale_queued_stages(session: Session, grace_s: float) -> list[StageRef]:
+    """Stages of active jobs recorded as queued for longer than ``grace_s``: their message is
+    either still waiting in the broker or was lost with it (the reconciler checks which)."""
+    cutoff = func.now() - timedelta(seconds=grace_s)
+    rows = session.execute(
+        select(StageRun.job_id, StageRun.stage)
+        .join(Job, Job.id == StageRun.job_id)
+        .where(StageRun.status == StageStatus.QUEUED, StageRun.queued_at < cutoff)
+        .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
+    ).all()
+    return _refs(session, rows)
+
+
+def touch_queued(conn: Conn, refs: list[StageRef]) -> None:
+    """Record that these stages' messages were just sent again."""
+    for job_id in sorted({ref.job_id for ref in refs}):  # jobs first, in one order
+        lock_job(conn, job_id)
+    for ref in refs:
+        conn.execute(
+            update(StageRun)
+            .where(StageRun.job_id == ref.job_id, StageRun.stage == ref.stage)
+            .where(StageRun.status == StageStatus.QUEUED)
+            .values(queued_at=func.now())
+        )
+
+
+def _refs(session: Session, rows) -> list[StageRef]:
+    job_ids = sorted({job_id for job_id, _ in rows})
+    if not job_ids:
+        return []
+    query = select(Job.id, Job.pipeline, Job.priority).where(Job.id.in_(job_ids))
+    jobs = {job_id: (pipeline, priority) for job_id, pipeline, priority in session.execute(query)}
+    return [StageRef(job_id, jobs[job_id][0], stage, jobs[job_id][1]) for job_id, stage in rows]

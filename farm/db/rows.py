@@ -1,0 +1,67 @@
+"""The tables as Core objects, and the statements every record module shares.
+
+Stage records change only under their job's row lock (``lock_job``), taken first and in its
+own statement, so two writers of one job never interleave and never deadlock.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import Connection, func, select, update
+from sqlalchemy.orm import Session
+
+from farm.db.models import Job, StageRun, StageStatus
+from farm.errors import JobNotFound
+
+jobs, runs = Job.__table__, StageRun.__table__
+Conn = Connection | Session  # Core statements run on either
+
+
+def lock_job(conn: Conn, job_id: str, *columns):
+    """Take the job's row lock, under which its stage records change, and return ``columns``
+    of it. Its own statement on purpose: a FOR UPDATE that waits for the lock re-reads the
+    locked row only, so stage rows joined into it would be the ones from before the wait
+    (READ COMMITTED); a statement after it sees what the previous holder committed."""
+    row = conn.execute(
+        select(*(columns or (jobs.c.id,))).where(jobs.c.id == job_id).with_for_update()
+    ).first()
+    if row is None:
+        raise JobNotFound(f"No job with id {job_id!r}.")
+    return row
+
+
+def stage_statuses(conn: Conn, job_id: str) -> dict[str, str]:
+    """Every stage of the job and its status (read under the job's lock)."""
+    query = select(runs.c.stage, runs.c.status).where(runs.c.job_id == job_id)
+    return dict(conn.execute(query).all())
+
+
+def mark_queued(conn: Conn, job_id: str, stages: list[str]) -> None:
+    """Record that these stages' messages are about to be sent."""
+    if stages:
+        conn.execute(
+            update(runs)
+            .where(runs.c.job_id == job_id, runs.c.stage.in_(stages))
+            .values(
+                status=StageStatus.QUEUED,
+                queued_at=func.now(),
+                error_code=None,
+                error_message=None,
+            )
+        )
+
+
+def update_job(conn: Conn, job_id: str, **values) -> None:
+    conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
+
+
+def stage_is(job_id: str, stage: str):
+    return (runs.c.job_id == job_id) & (runs.c.stage == stage)
+
+
+def fenced(job_id: str, stage: str, attempt: int):
+    """The stage, only while this delivery's attempt still owns it and it is running."""
+    return (
+        stage_is(job_id, stage)
+        & (runs.c.attempts == attempt)
+        & (runs.c.status == StageStatus.RUNNING)
+    )

@@ -1,0 +1,216 @@
+"""Read-side handles on jobs: what a user sees of one job, and the queries behind it.
+
+A ``Job`` is a handle, not a copy: every call reads the current state from Postgres (the record)
+or Redis (live progress).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from sqlalchemy import select
+
+from farm.db.job_records import get_job
+from farm.db.models import TERMINAL, JobStatus
+from farm.db.models import Job as JobRow
+from farm.db.session import session_scope
+from farm.errors import NotDone
+from farm.pipelines import get_pipeline
+from farm.tasks.context import Context
+from farm.waiting import poll_until
+
+
+class NoWorkerWarning(UserWarning):
+    """A job needs a queue that no live worker consumes."""
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """One stage's record, as a user sees it."""
+
+    name: str
+    queue: str
+    status: str
+    attempts: int
+    worker: str | None
+    duration_s: float | None
+    artifact_key: str | None
+    artifact_size: int | None
+    error_code: str | None
+    error_message: str | None
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """A snapshot of a job's record."""
+
+    id: str
+    pipeline: str
+    status: str
+    current_stage: str | None
+    params: dict
+    priority: int
+    batch_id: str | None
+    input_name: str | None
+    output_key: str | None
+    error_code: str | None
+    error_message: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Live progress from Redis (may lag the record by a step)."""
+
+    status: str
+    stage: str | None
+    step: int
+    steps: int
+
+
+class Job:
+    """A handle on one job; every call reads the current state."""
+
+    def __init__(self, ctx: Context, job_id: str) -> None:
+        self.ctx, self.id = ctx, job_id
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r})"
+
+    def info(self) -> JobInfo:
+        with session_scope(self.ctx.db_url) as s:
+            return job_info(get_job(s, self.id))
+
+    def status(self) -> str:
+        return self.info().status
+
+    def stages(self) -> list[StageInfo]:
+        with session_scope(self.ctx.db_url) as s:
+            return [_stage_info(run) for run in get_job(s, self.id).stage_runs]
+
+    def progress(self) -> Progress:
+        live = self.ctx.meta.state(self.id)
+        return Progress(
+            status=live.get("status", "queued"),
+            stage=live.get("stage"),
+            step=int(live.get("step", 0)),
+            steps=int(live.get("steps", 0)),
+        )
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        on_progress: Callable[[Progress], None] | None = None,
+        poll: float = 0.25,
+    ) -> JobInfo:
+        """Block until the job is done, failed or cancelled; TimeoutError after ``timeout``.
+        Warns (NoWorkerWarning) when no live worker consumes a queue the job needs."""
+        warn_if_no_workers(self.ctx, queues_of(self.ctx, job_id=self.id))
+
+        def report(info: JobInfo) -> None:
+            if on_progress is not None and not info.finished:
+                on_progress(self.progress())
+
+        return poll_until(
+            self.info,
+            lambda info: info.finished,
+            timeout=timeout,
+            poll=poll,
+            report=report,
+            what=f"job {self.id}",
+        )
+
+    def result(self) -> bytes:
+        """The output PNG's bytes; NotDone if the job is not done."""
+        info = self.info()
+        if info.status != JobStatus.DONE or not info.output_key:
+            raise NotDone(f"job {self.id} is {info.status}, it has no output")
+        return self.ctx.store.get(info.output_key)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_bytes(self.result())
+        return path
+
+
+def list_jobs(
+    ctx: Context, status: str | None = None, batch: str | None = None, limit: int | None = 1000
+) -> list[JobInfo]:
+    """Job snapshots, newest first, optionally filtered by status and batch."""
+    query = select(JobRow).order_by(JobRow.created_at.desc()).limit(limit)
+    if status:
+        query = query.where(JobRow.status == status)
+    if batch:
+        query = query.where(JobRow.batch_id == batch)
+    with session_scope(ctx.db_url) as s:
+        return [job_info(row) for row in s.scalars(query)]
+
+
+def queues_of(ctx: Context, *, job_id: str | None = None, batch: str | None = None) -> set[str]:
+    """The queues a job (or every job of a batch) needs."""
+    query = select(JobRow.pipeline).distinct()
+    query = query.where(JobRow.id == job_id) if job_id else query.where(JobRow.batch_id == batch)
+    with session_scope(ctx.db_url) as s:
+        names = s.scalars(query).all()
+    return {queue for name in names for queue in get_pipeline(name).queues()}
+
+
+def missing_queues(ctx: Context, queues: set[str]) -> set[str]:
+    """Queues no live worker consumes (from the workers' Redis heartbeats)."""
+    return set(queues) - ctx.meta.live_queues()
+
+
+def warn_if_no_workers(ctx: Context, queues: set[str]) -> None:
+    missing = missing_queues(ctx, queues)
+    if missing:
+        names = ", ".join(sorted(missing))
+        warnings.warn(
+            f"No worker is consuming queue(s) {names}: jobs will wait until one starts "
+            f"(farm worker --role {sorted(missing)[0]}, or farm up).",
+            NoWorkerWarning,
+            stacklevel=3,
+        )
+
+
+def job_info(row: JobRow) -> JobInfo:
+    return JobInfo(
+        id=row.id,
+        pipeline=row.pipeline,
+        status=row.status,
+        current_stage=row.current_stage,
+        params=dict(row.params),
+        priority=row.priority,
+        batch_id=row.batch_id,
+        input_name=row.input_name,
+        output_key=row.output_key,
+        error_code=row.error_code,
+        error_message=row.error_message,
+        created_at=row.created_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def _stage_info(run) -> StageInfo:
+    return StageInfo(
+        name=run.stage,
+        queue=run.queue,
+        status=run.status,
+        attempts=run.attempts,
+        worker=run.worker,
+        duration_s=run.duration_s,
+        artifact_key=run.artifact_key,
+        artifact_size=run.artifact_size,
+        error_code=run.error_code,
+        error_message=run.error_message,
+    )
