@@ -15,10 +15,11 @@ from farm.db.session import dispose_engines
 from farm.errors import FarmError
 from farm.storage import keys
 from farm.tasks import app as app_module
-from farm.tasks import context
+from farm.tasks import context, kombu_fixes
 from farm.tasks.reconcile import reconcile_once_across_farm
 
 log = logging.getLogger(__name__)
+kombu_fixes.apply()  # this module loads in every worker process, before it consumes
 
 
 class Beat(threading.Thread):
