@@ -1,0 +1,70 @@
+"""Resume and cancel semantics, and submitters racing on one idempotency key, on the real stack."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from farm import NotResumable
+from farm.tasks import faults
+from tests.helpers import sample_png, wait_for_step
+
+FAST = {"size": 64, "steps": 6, "seed": 8, "prompt": "a harbour at dawn"}
+SLOW = {**FAST, "steps": 60, "strength": 1.0}
+
+
+def test_resume_refuses_a_running_job_and_leaves_its_stage_running(farm, running) -> None:
+    job = farm.submit(sample_png(hue=120), **SLOW)
+    wait_for_step(job, "denoise", 2, timeout=120)
+    with pytest.raises(NotResumable, match="running"):
+        farm.resume(job.id)
+    info = job.wait(timeout=240)
+    assert info.status == "done"
+    assert all(s.attempts == 1 for s in job.stages())  # the running delivery was not replaced
+
+
+def test_resume_refuses_a_done_job(farm, running) -> None:
+    job = farm.submit(sample_png(hue=121), **FAST)
+    assert job.wait(timeout=120).status == "done"
+    with pytest.raises(NotResumable, match="nothing to resume"):
+        farm.resume(job.id)
+
+
+def test_resume_failed_leaves_cancelled_jobs_unless_asked(farm, running, meta) -> None:
+    failed = farm.submit(sample_png(hue=122), **FAST)
+    faults.arm(meta, failed.id, "postprocess", "start", "fail")
+    assert failed.wait(timeout=120).status == "failed"
+    cancelled = farm.submit(sample_png(hue=123), **SLOW)
+    wait_for_step(cancelled, "denoise", 1, timeout=120)
+    farm.cancel(cancelled.id)
+    assert cancelled.wait(timeout=60).status == "cancelled"
+    resumed = {j.id for j in farm.resume_failed()}
+    assert failed.id in resumed and cancelled.id not in resumed
+    assert failed.wait(timeout=120).status == "done"
+    assert cancelled.status() == "cancelled"
+    assert cancelled.id in {j.id for j in farm.resume_failed(cancelled=True)}
+    assert cancelled.wait(timeout=240).status == "done"
+
+
+def test_two_submitters_racing_on_one_key_get_the_same_job(farm, running) -> None:
+    key, image = "race-" + sample_png(hue=124).hex()[-16:], sample_png(hue=124)
+    barrier, jobs, errors = threading.Barrier(4), [], []
+
+    def submit() -> None:
+        barrier.wait()
+        try:
+            jobs.append(farm.submit(image, idempotency_key=key, **FAST).id)
+        except Exception as exc:  # a traceback here is what the test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(set(jobs)) == 1
+    assert farm.get(jobs[0]).wait(timeout=120).status == "done"
+    inputs = [k for k in farm.ctx.store.list("jobs/") if k.endswith("/input")]
+    recorded = {j.id for j in farm.jobs(limit=None)}
+    assert all(k.split("/")[1] in recorded for k in inputs)  # the losers' uploads are gone
