@@ -49,7 +49,8 @@ def up(
     """Start a local Redis, Postgres and S3 server and one cpu and one gpu worker
     (all reused if already running)."""
     from farm.local import LocalStack
-    from farm.workers import ROLES, background_workers, start_background
+    from farm.local.fleet import background_workers, start_background
+    from farm.local.workers import ROLES
 
     root = _data_dir(data_dir)
     started = time.perf_counter()
@@ -69,7 +70,7 @@ def up(
 def down(data_dir: Path | None = DataDir) -> None:
     """Stop the local stack started by `farm up`."""
     from farm.local import LocalStack
-    from farm.workers import stop_background
+    from farm.local.fleet import stop_background
 
     root = _data_dir(data_dir)
     stopped = stop_background(root)
@@ -96,7 +97,7 @@ def worker(
     name: str | None = typer.Option(None, "--name", help="Celery node name (default ROLE@host)"),
 ) -> None:
     """Run one worker in the foreground (one per GPU: set CUDA_VISIBLE_DEVICES)."""
-    from farm.workers import ROLES, worker_command
+    from farm.local.workers import ROLES, worker_command
 
     if role not in ROLES:
         raise FarmError(f"--role must be cpu or gpu, not {role!r}", code="CONFIG_INVALID")
@@ -182,7 +183,7 @@ def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
         yield Farm.from_env()
         return
     from farm.local import LocalStack
-    from farm.workers import ROLES, start_worker, wait_ready
+    from farm.local.workers import ROLES, start_worker, wait_ready
 
     root = _data_dir(data_dir)
     stack = LocalStack(root)
