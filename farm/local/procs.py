@@ -100,6 +100,12 @@ def running_with(pid: int | None, *words: str) -> bool:
     return all(word in cmdline for word in words)
 
 
+def child_running(pid: int) -> bool:
+    """Whether a process this one spawned still runs (also before it has exec'ed)."""
+    child = _CHILDREN.get(pid)
+    return child is not None and child.poll() is None
+
+
 def kill_group(pid: int, sig: int = signal.SIGKILL) -> None:
     """Signal the process and its children (when it leads its own process group)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
