@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -21,6 +22,10 @@ from rich.table import Table
 from farm.api import Farm
 from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env, is_configured
 from farm.errors import FarmError
+
+if TYPE_CHECKING:
+    from farm.local import LocalStack, StackInfo
+    from farm.local.fleet import Fleet
 
 app = typer.Typer(
     help="A render farm for AI image generation.",
@@ -66,14 +71,14 @@ def up(
         _remember(root)
 
 
-def _print_servers(stack, info) -> None:
+def _print_servers(stack: LocalStack, info: StackInfo) -> None:
     pids = stack.pids()
     console.print(f"  redis     {info.redis_url.split('@')[-1]}  pid {pids.get('redis')}")
     console.print(f"  postgres  {info.database_url.split('@')[-1]}  pid {pids.get('postgres')}")
     console.print(f"  s3        {info.s3_endpoint}  bucket {info.s3_bucket}  pid {pids.get('s3')}")
 
 
-def _print_workers(workers) -> None:
+def _print_workers(workers: Fleet) -> None:
     console.print(f"  supervisor pid {workers.supervisor}  log {workers.log_path}")
     for w in workers.workers:
         line = f"  worker    {w['name']}  pid {w['pid']}  log {w['log']}"
@@ -84,7 +89,7 @@ def _print_workers(workers) -> None:
         console.print(line)
 
 
-def _print_reused(stack, workers) -> None:
+def _print_reused(stack: LocalStack, workers: Fleet | None) -> None:
     reused = [f"{name} (pid {pid})" for name, pid in stack.reused.items()]
     if workers is not None and workers.reused:
         reused.append(f"supervisor (pid {workers.supervisor})")

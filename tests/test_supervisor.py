@@ -24,7 +24,9 @@ from tests.helpers import wait_until
 FARM = [sys.executable, "-m", "farm"]
 
 
-def run_farm(args: list[str], home: Path, timeout: float = 180) -> subprocess.CompletedProcess:
+def run_farm(
+    args: list[str], home: Path, timeout: float = 180, check: bool = True
+) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("FARM_")}
     env.update(
         HOME=str(home),
@@ -36,7 +38,7 @@ def run_farm(args: list[str], home: Path, timeout: float = 180) -> subprocess.Co
     result = subprocess.run(
         [*FARM, *args], env=env, capture_output=True, text=True, timeout=timeout
     )
-    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.returncode == 0 or not check, result.stdout + result.stderr
     return result
 
 
@@ -64,6 +66,13 @@ def _beating(data: Path, name: str) -> bool:
 @pytest.mark.slow
 def test_up_reuses_supervises_and_down_stops_everything(tmp_path: Path) -> None:
     home, data = tmp_path / "home", tmp_path / "farm-x"
+    try:
+        _up_reuse_restart_adopt_down(home, data)
+    finally:
+        run_farm(["down", "--data-dir", str(data)], home, check=False)  # after a failure
+
+
+def _up_reuse_restart_adopt_down(home: Path, data: Path) -> None:
     first = run_farm(["up", "--data-dir", str(data)], home)
     assert f"export FARM_DATA_DIR={data}" in first.stdout
     servers = {s["pid"] for s in json.loads((data / "stack.json").read_text()).values()}
@@ -129,3 +138,20 @@ def test_down_stops_orphans_an_older_farm_left_and_spares_reused_pids(tmp_path: 
         for proc in (orphan, bystander):
             proc.kill()
             proc.wait()
+
+
+def test_quick_crashes_back_off_to_30_s_and_are_called_a_crash_loop(tmp_path: Path) -> None:
+    from farm.local.supervisor import Slot, Supervisor
+
+    supervisor, slot = Supervisor(tmp_path, ["cpu"]), Slot("cpu", "cpu-x@host", pid=1)
+    delays, now = [], 1000.0
+    for _ in range(7):
+        slot.pid, slot.started = 1, now
+        supervisor._crashed(slot, now + 2)
+        delays.append(slot.restart_at - (now + 2))
+        now = slot.restart_at
+    assert delays == [1, 2, 4, 8, 16, 30, 30]
+    assert slot.crash_looping() and slot.record()["crash_looping"]
+    slot.pid, slot.started = 1, now
+    supervisor._crashed(slot, now + 120)  # it ran two minutes: backoff starts afresh
+    assert slot.restart_at - (now + 120) == 1

@@ -8,6 +8,7 @@
   ``fleet`` is how ``farm up``/``farm down`` start, find and stop it (``DATA/workers.json``).
 """
 
-from farm.local.stack import SERVICES, LocalStack, Service, StackInfo
+from farm.local.info import StackInfo
+from farm.local.stack import SERVICES, LocalStack, Service
 
 __all__ = ["SERVICES", "LocalStack", "Service", "StackInfo"]

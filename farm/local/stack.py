@@ -16,11 +16,11 @@ import json
 import logging
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from farm.errors import FarmError
+from farm.local.info import StackInfo
 from farm.local.postgres_server import PostgresServer
 from farm.local.procs import (
     START_TIMEOUT,
@@ -44,33 +44,6 @@ SERVER_CLASSES: dict[str, type[Server]] = {
     "postgres": PostgresServer,
     "s3": S3Server,
 }
-
-
-@dataclass(frozen=True)
-class StackInfo:
-    """How to reach a running local stack."""
-
-    data_dir: Path
-    redis_url: str
-    database_url: str
-    s3_endpoint: str
-    s3_access_key: str
-    s3_secret_key: str
-    s3_bucket: str
-
-    def env(self) -> dict[str, str]:
-        """The ``FARM_*`` variables that point the farm at this stack."""
-        return {
-            "FARM_BROKER_URL": self.redis_url,
-            "FARM_REDIS_URL": self.redis_url,
-            "FARM_DATABASE_URL": self.database_url,
-            "FARM_STORAGE": "s3",
-            "FARM_S3_ENDPOINT": self.s3_endpoint,
-            "FARM_S3_BUCKET": self.s3_bucket,
-            "FARM_S3_ACCESS_KEY": self.s3_access_key,
-            "FARM_S3_SECRET_KEY": self.s3_secret_key,
-            "FARM_DATA_DIR": str(self.data_dir),
-        }
 
 
 class LocalStack:
