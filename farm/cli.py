@@ -81,7 +81,8 @@ def _print_servers(stack: LocalStack, info: StackInfo) -> None:
 def _print_workers(workers: Fleet) -> None:
     console.print(f"  supervisor pid {workers.supervisor}  log {workers.log_path}")
     for w in workers.workers:
-        line = f"  worker    {w['name']}  pid {w['pid']}  log {w['log']}"
+        pid = w["pid"] or "- (restarting)"
+        line = f"  worker    {w['name']}  pid {pid}  log {w['log']}"
         if w.get("restarts"):
             line += f"  restarted {w['restarts']} time(s)"
         if w.get("crash_looping"):

@@ -8,6 +8,7 @@ older farm that started workers without one).
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import signal
@@ -85,7 +86,8 @@ def stop(data_dir: Path, timeout: float = STOP_TIMEOUT) -> int:
     workers = live_workers(read_state(path))
     pid = supervisor_pid(data_dir)
     if pid is not None:
-        os.kill(pid, signal.SIGTERM)  # it warm-stops its workers, then exits
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)  # it warm-stops its workers, then exits
         if not wait_until(lambda: not running_with(pid, MODULE), time.monotonic() + timeout + 10):
             kill_group(pid, signal.SIGKILL)
     _stop_orphans(live_workers({"workers": workers}), timeout)

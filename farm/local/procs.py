@@ -62,19 +62,30 @@ def free_port(taken: set[int]) -> int:
 _CHILDREN: dict[int, subprocess.Popen[bytes]] = {}
 
 
-def running(pid: int | None, name: str) -> bool:
-    """True when ``pid`` is a live (not zombie) process called ``name`` (guards pid reuse)."""
+def _live(pid: int | None) -> Any:
+    """The psutil process of ``pid`` unless it is gone or a zombie (then None)."""
     import psutil  # comes with the [local] extras, like the servers themselves
 
     if not pid:
-        return False
+        return None
     child = _CHILDREN.get(pid)
     if child is not None and child.poll() is not None:
         del _CHILDREN[pid]
-        return False
+        return None
     try:
         proc = psutil.Process(pid)
-        return proc.status() != psutil.STATUS_ZOMBIE and name in proc.name()
+        return None if proc.status() == psutil.STATUS_ZOMBIE else proc
+    except psutil.Error:
+        return None
+
+
+def running(pid: int | None, name: str) -> bool:
+    """True when ``pid`` is a live (not zombie) process called ``name`` (guards pid reuse)."""
+    import psutil
+
+    proc = _live(pid)
+    try:
+        return proc is not None and name in proc.name()
     except psutil.Error:
         return False
 
@@ -84,20 +95,11 @@ def running_with(pid: int | None, *words: str) -> bool:
     a python process is recognised by its arguments (a worker's name, the data dir)."""
     import psutil
 
-    if not pid:
-        return False
-    child = _CHILDREN.get(pid)
-    if child is not None and child.poll() is not None:
-        del _CHILDREN[pid]
-        return False
+    proc = _live(pid)
     try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmdline = proc.cmdline()
+        return proc is not None and all(word in proc.cmdline() for word in words)
     except psutil.Error:
         return False
-    return all(word in cmdline for word in words)
 
 
 def child_running(pid: int) -> bool:
