@@ -151,7 +151,8 @@ def test_quick_crashes_back_off_to_30_s_and_are_called_a_crash_loop(tmp_path: Pa
         delays.append(slot.restart_at - (now + 2))
         now = slot.restart_at
     assert delays == [1, 2, 4, 8, 16, 30, 30]
-    assert slot.crash_looping() and slot.record()["crash_looping"]
+    assert slot.crash_looping(now) and slot.record(now)["crash_looping"]
     slot.pid, slot.started = 1, now
     supervisor._crashed(slot, now + 120)  # it ran two minutes: backoff starts afresh
     assert slot.restart_at - (now + 120) == 1
+    assert not slot.crash_looping(now + 1000)  # quiet for a while: no longer a crash loop

@@ -51,11 +51,10 @@ def ensure(data_dir: Path, env: dict[str, str], roles: tuple[str, ...] = ROLES) 
     with open(data_dir / ".fleet.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two `farm up` must not start two supervisors
         pid = supervisor_pid(data_dir)
-        if pid is not None:
-            return Fleet(
-                pid, True, read_state(data_dir / STATE_FILE)["workers"], supervisor_log(data_dir)
-            )
-        return _start(data_dir, env, roles)
+        if pid is None:
+            return _start(data_dir, env, roles)
+        workers = read_state(data_dir / STATE_FILE)["workers"]
+        return Fleet(pid, True, workers, supervisor_log(data_dir))
 
 
 def _start(data_dir: Path, env: dict[str, str], roles: tuple[str, ...]) -> Fleet:
@@ -72,6 +71,7 @@ def _start(data_dir: Path, env: dict[str, str], roles: tuple[str, ...]) -> Fleet
     ok = wait_until(lambda: started() or not child_running(pid), time.monotonic() + START_TIMEOUT)
     if not (ok and started()):
         kill_group(pid, signal.SIGKILL)
+        _stop_orphans(live_workers(read_state(data_dir / STATE_FILE)), 5)
         raise FarmError(
             f"the worker supervisor did not start; see {log_path}:\n{log_tail(log_path)}",
             code="WORKER_FAILED",

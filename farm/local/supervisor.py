@@ -57,10 +57,10 @@ class Slot:
             return self.process.process.poll() is None
         return running_with(self.pid, self.name)
 
-    def crash_looping(self) -> bool:
-        return len(self.crashes) >= LOOP_CRASHES
+    def crash_looping(self, now: float) -> bool:
+        return sum(now - t < LOOP_WINDOW for t in self.crashes) >= LOOP_CRASHES
 
-    def record(self) -> dict[str, Any]:
+    def record(self, now: float) -> dict[str, Any]:
         return {
             "role": self.role,
             "name": self.name,
@@ -68,7 +68,7 @@ class Slot:
             "log": self.log_path,
             "restarts": self.restarts,
             "adopted": self.adopted,
-            "crash_looping": self.crash_looping(),
+            "crash_looping": self.crash_looping(now),
         }
 
 
@@ -81,6 +81,7 @@ class Supervisor:
         self.state_path = data_dir / STATE_FILE
         self.slots: list[Slot] = []
         self.stopping = False
+        self.saved: list[dict[str, Any]] | None = None  # what workers.json holds now
 
     def run(self) -> int:
         with open(self.data_dir / LOCK_FILE, "a") as lock:
@@ -118,11 +119,10 @@ class Supervisor:
         for slot in self.slots:
             if slot.pid is not None and not slot.alive():
                 self._crashed(slot, now)
-                self._save()
             elif slot.pid is None and now >= slot.restart_at:
                 slot.restarts += 1
                 self._start(slot, now)
-                self._save()
+        self._save()  # when something changed: a crash loop also ends by time passing
 
     def _start(self, slot: Slot, now: float) -> None:
         worker = start_worker(slot.role, {}, self.data_dir / "logs")
@@ -139,7 +139,7 @@ class Supervisor:
             "%s worker %s (pid %s) %s; restarting in %.0f s (see %s)",
             *(slot.role, slot.name, slot.pid, how, delay, slot.log_path),
         )
-        if slot.crash_looping():
+        if slot.crash_looping(now):
             log.error(
                 "%s worker crash-looping: %d crashes in %.0f s; still retrying, see %s",
                 *(slot.role, len(slot.crashes), LOOP_WINDOW, slot.log_path),
@@ -160,8 +160,11 @@ class Supervisor:
         log.info("supervisor stopped %d worker(s)", len(live))
 
     def _save(self) -> None:
-        state = {"supervisor": os.getpid(), "workers": [s.record() for s in self.slots]}
-        write_private(self.state_path, json.dumps(state, indent=2))
+        records = [s.record(time.monotonic()) for s in self.slots]
+        if records != self.saved:
+            state = {"supervisor": os.getpid(), "workers": records}
+            write_private(self.state_path, json.dumps(state, indent=2))
+            self.saved = records
 
 
 def read_state(path: Path) -> dict[str, Any]:
