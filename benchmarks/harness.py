@@ -36,8 +36,8 @@ from farm.config import Settings
 from farm.db.models import TERMINAL, Job
 from farm.db.session import session_scope
 from farm.local import LocalStack, StackInfo
+from farm.local.workers import WorkerProcess, start_worker, wait_ready
 from farm.storage.metadata import Metadata
-from farm.workers import WorkerProcess, start_worker, wait_ready
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Every benchmark's workers and baselines run torch with this many threads unless told otherwise

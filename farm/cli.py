@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
@@ -21,6 +22,10 @@ from rich.table import Table
 from farm.api import Farm
 from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env, is_configured
 from farm.errors import ConfigError, FarmError
+
+if TYPE_CHECKING:
+    from farm.local import LocalStack, StackInfo
+    from farm.local.fleet import Fleet
 
 app = typer.Typer(
     help="A render farm for AI image generation.",
@@ -46,35 +51,82 @@ def up(
     data_dir: Path | None = DataDir,
     no_workers: bool = typer.Option(False, "--no-workers", help="Servers only."),
 ) -> None:
-    """Start a local Redis, Postgres and S3 server and one cpu and one gpu worker
-    (all reused if already running)."""
-    from farm.local import LocalStack
-    from farm.workers import ROLES, background_workers, start_background
+    """Start a local Redis, Postgres and S3 server and a supervisor keeping one cpu and one gpu
+    worker alive (whatever already runs is reused)."""
+    from farm.local import LocalStack, fleet
 
     root = _data_dir(data_dir)
     started = time.perf_counter()
-    info = LocalStack(root).up()
-    console.print(f"[green]farm is up[/] in {time.perf_counter() - started:.1f} s")
-    running = {w["role"] for w in background_workers(root)}
-    wanted = [] if no_workers else [role for role in ROLES if role not in running]
-    for worker in start_background(root, info.env(), wanted) if wanted else []:
-        console.print(f"  worker    {worker.name}  log {worker.log_path}")
-    console.print(f"  redis     {info.redis_url.split('@')[-1]}")
-    console.print(f"  postgres  {info.database_url.split('@')[-1]}")
-    console.print(f"  s3        {info.s3_endpoint}  bucket {info.s3_bucket}")
+    stack = LocalStack(root)
+    info = stack.up()
+    running = fleet.supervisor_pid(root)
+    workers = None if no_workers and running is None else fleet.ensure(root, info.env())
+    console.print(f"[green]farm is up[/] in {time.perf_counter() - started:.1f} s ({root})")
+    _print_servers(stack, info)
+    if workers is not None:
+        _print_workers(workers)
+    _print_reused(stack, workers)
     console.print(f"  settings  {info.data_dir / ENV_FILE_NAME}")
+    if data_dir is not None:
+        _remember(root)
+
+
+def _print_servers(stack: LocalStack, info: StackInfo) -> None:
+    pids = stack.pids()
+    console.print(f"  redis     {info.redis_url.split('@')[-1]}  pid {pids.get('redis')}")
+    console.print(f"  postgres  {info.database_url.split('@')[-1]}  pid {pids.get('postgres')}")
+    console.print(f"  s3        {info.s3_endpoint}  bucket {info.s3_bucket}  pid {pids.get('s3')}")
+
+
+def _print_workers(workers: Fleet) -> None:
+    console.print(f"  supervisor pid {workers.supervisor}  log {workers.log_path}")
+    for w in workers.workers:
+        pid = w["pid"] or "- (restarting)"
+        line = f"  worker    {w['name']}  pid {pid}  log {w['log']}"
+        if w.get("restarts"):
+            line += f"  restarted {w['restarts']} time(s)"
+        if w.get("crash_looping"):
+            line += "  [red]crashing repeatedly[/]: see its log and the supervisor's"
+        console.print(line)
+
+
+def _print_reused(stack: LocalStack, workers: Fleet | None) -> None:
+    reused = [f"{name} (pid {pid})" for name, pid in stack.reused.items()]
+    if workers is not None and workers.reused:
+        reused.append(f"supervisor (pid {workers.supervisor})")
+    if workers is not None:
+        reused += [
+            f"worker {w['name']} (pid {w['pid']})"
+            for w in workers.workers
+            if workers.reused or w.get("adopted")
+        ]
+    if reused:
+        console.print(f"  reused    {', '.join(reused)}")
+
+
+def _remember(root: Path) -> None:
+    """Let later commands without FARM_DATA_DIR find this farm, and say how to be explicit."""
+    from farm.config import default_data_dir, remember_data_dir
+
+    remember_data_dir(root)
+    if root != default_data_dir().resolve():
+        console.print(
+            f"  later `farm` commands find this farm (recorded in {default_data_dir()});"
+            f" to be explicit: export FARM_DATA_DIR={root}"
+        )
 
 
 @app.command()
 def down(data_dir: Path | None = DataDir) -> None:
-    """Stop the local stack started by `farm up`."""
-    from farm.local import LocalStack
-    from farm.workers import stop_background
+    """Stop what `farm up` started: the workers, their supervisor and the servers."""
+    from farm.config import forget_data_dir
+    from farm.local import LocalStack, fleet
 
     root = _data_dir(data_dir)
-    stopped = stop_background(root)
+    stopped = fleet.stop(root)
     LocalStack(root).down()
-    console.print(f"farm is down ({stopped} worker(s) stopped)")
+    forget_data_dir(root)
+    console.print(f"farm is down ({stopped} worker(s) stopped) in {root}")
 
 
 @db_app.command("upgrade")
@@ -96,7 +148,7 @@ def worker(
     name: str | None = typer.Option(None, "--name", help="Celery node name (default ROLE@host)"),
 ) -> None:
     """Run one worker in the foreground (one per GPU: set CUDA_VISIBLE_DEVICES)."""
-    from farm.workers import ROLES, worker_command
+    from farm.local.workers import ROLES, worker_command
 
     if role not in ROLES:
         raise ConfigError(f"--role must be cpu or gpu, not {role!r}")
@@ -182,7 +234,7 @@ def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
         yield Farm.from_env()
         return
     from farm.local import LocalStack
-    from farm.workers import ROLES, start_worker, wait_ready
+    from farm.local.workers import ROLES, start_worker, wait_ready
 
     root = _data_dir(data_dir)
     stack = LocalStack(root)

@@ -18,6 +18,9 @@ from farm.errors import ConfigError
 
 ENV_PREFIX = "FARM_"
 ENV_FILE_NAME = "farm.env"
+# In the default data dir: the data dir of the last `farm up --data-dir DIR`, so that later
+# commands without FARM_DATA_DIR find that farm (`farm down` removes it).
+ACTIVE_FILE_NAME = "active-data-dir"
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
@@ -121,9 +124,47 @@ class Settings(BaseSettings):
 
 
 def data_dir_from_env() -> Path:
-    """The data dir, before the full settings can be read (it locates ``farm.env``)."""
+    """The data dir, before the full settings can be read (it locates ``farm.env``):
+    FARM_DATA_DIR, else the one ``farm up --data-dir`` recorded while its farm.env exists,
+    else the default."""
     value = os.environ.get(f"{ENV_PREFIX}DATA_DIR")
-    return Path(value).expanduser() if value else default_data_dir()
+    if value:
+        return Path(value).expanduser()
+    active = active_data_dir()
+    return active if active is not None else default_data_dir()
+
+
+def active_data_dir() -> Path | None:
+    """The data dir ``farm up --data-dir`` recorded, while it holds a farm.env."""
+    try:
+        path = Path((default_data_dir() / ACTIVE_FILE_NAME).read_text().strip())
+    except OSError:
+        return None
+    return path if path.is_absolute() and (path / ENV_FILE_NAME).is_file() else None
+
+
+def remember_data_dir(path: Path) -> None:
+    """Record ``path`` for later commands without FARM_DATA_DIR (none for the default)."""
+    default = default_data_dir()
+    pointer = default / ACTIVE_FILE_NAME
+    if path.resolve() == default.resolve():
+        pointer.unlink(missing_ok=True)
+        return
+    default.mkdir(parents=True, exist_ok=True)
+    tmp = pointer.with_name(pointer.name + ".tmp")
+    tmp.write_text(f"{path.resolve()}\n")
+    tmp.replace(pointer)
+
+
+def forget_data_dir(path: Path) -> None:
+    """Drop the record of ``path`` (when it is the one recorded)."""
+    pointer = default_data_dir() / ACTIVE_FILE_NAME
+    try:
+        recorded = Path(pointer.read_text().strip())
+    except OSError:
+        return
+    if recorded == path.resolve():
+        pointer.unlink(missing_ok=True)
 
 
 def env_files() -> tuple[Path, ...]:
@@ -139,16 +180,28 @@ def is_configured() -> bool:
 
 
 def _missing_message(name: str) -> str:
-    var = f"{ENV_PREFIX}{name.upper()}"
-    return f"{var} is not set. Set it in the environment or a .env file, or run `farm up`."
+    return _missing_sentence([f"{ENV_PREFIX}{name.upper()}"])
 
 
 def _validation_message(exc: ValidationError) -> str:
-    problems = []
+    missing, problems = [], []
     for err in exc.errors():
         name = str(err["loc"][0]) if err["loc"] else "?"
         if err["type"] == "missing":
-            problems.append(_missing_message(name))
+            missing.append(f"{ENV_PREFIX}{name.upper()}")
         else:
-            problems.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}")
+            problems.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}.")
+    if missing:
+        problems.insert(0, _missing_sentence(missing))
     return " ".join(problems)
+
+
+def _missing_sentence(names: list[str]) -> str:
+    """One sentence naming every missing variable, and where they were looked for."""
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+    verb, pronoun = ("is", "it") if len(names) == 1 else ("are", "them")
+    where = data_dir_from_env() / ENV_FILE_NAME
+    return (
+        f"{listed} {verb} not set. Set {pronoun} in the environment or a .env file, or run"
+        f" `farm up` (looked in {where}; for a farm in another data dir, set FARM_DATA_DIR)."
+    )

@@ -16,8 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from farm.config import Settings
 from farm.local import LocalStack, StackInfo
+from farm.local.workers import WorkerProcess, start_worker, wait_ready
 from farm.storage.metadata import Metadata
-from farm.workers import WorkerProcess, start_worker, wait_ready
 
 # Short liveness windows so crash recovery happens in seconds, not a minute.
 TEST_KNOBS = {"FARM_LEASE_TTL": "4", "FARM_RECONCILE_INTERVAL": "2", "FARM_MAX_DELIVERIES": "3"}

@@ -104,7 +104,7 @@ def test_missing_setting_is_named(tmp_path: Path) -> None:
     env = {"FARM_DATA_DIR": str(tmp_path), "FARM_BROKER_URL": "redis://127.0.0.1:1/0"}
     result = run_farm(["jobs"], env)
     assert result.returncode == 2
-    assert "FARM_REDIS_URL is not set" in result.stderr
+    assert "FARM_REDIS_URL and FARM_DATABASE_URL are not set" in result.stderr
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from farm.local.workers import start_worker, wait_ready
 from farm.tasks.app import app
-from farm.workers import start_worker, wait_ready
 from tests.helpers import sample_png, wait_until
 
 

@@ -1,4 +1,4 @@
-"""Start worker processes in the background (``farm up``, ``farm render``, the test suite).
+"""Start worker processes (``farm render``'s embedded farm, the supervisor, the test suite).
 
 Each worker is the same ``celery -A farm.tasks worker`` a production node runs; the role's
 settings come from ``worker_configs/ROLE.py`` through FARM_WORKER_ROLE.
@@ -6,8 +6,6 @@ settings come from ``worker_configs/ROLE.py`` through FARM_WORKER_ROLE.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from farm.errors import FarmError
+from farm.local.procs import kill_group
 from farm.storage.metadata import Metadata
 
 ROLES = ("cpu", "gpu")
@@ -38,14 +37,14 @@ class WorkerProcess:
 
     def kill(self) -> None:
         """SIGKILL the whole worker (pool children too): what a crash looks like."""
-        _signal_group(self.process, signal.SIGKILL)
+        kill_group(self.pid, signal.SIGKILL)
         self.process.wait(10)
 
     def stop(self, timeout: float = 20) -> None:
         """Warm shutdown; SIGKILL if it does not finish in time."""
         if self.process.poll() is not None:
             return
-        _signal_group(self.process, signal.SIGTERM)
+        kill_group(self.pid, signal.SIGTERM)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -107,61 +106,3 @@ def wait_ready(meta: Metadata, workers: list[WorkerProcess], timeout: float = 90
                 f"workers not ready after {timeout} s; see {logs}", code="WORKER_FAILED"
             )
         time.sleep(0.2)
-
-
-def _signal_group(process: subprocess.Popen, sig: int) -> None:
-    _kill_group(process.pid, sig)
-
-
-# -- background workers of `farm up` ------------------------------------------------------------
-
-STATE_FILE = "workers.json"
-
-
-def start_background(data_dir: Path, env: dict[str, str], roles=ROLES) -> list[WorkerProcess]:
-    """Start one worker per role, detached, and remember them in DATA/workers.json."""
-    started = [start_worker(role, env, data_dir / "logs") for role in roles]
-    state = [
-        {"role": w.role, "name": w.name, "pid": w.pid, "log": str(w.log_path)} for w in started
-    ]
-    (data_dir / STATE_FILE).write_text(json.dumps(state))
-    return started
-
-
-def background_workers(data_dir: Path) -> list[dict]:
-    """The workers `farm up` started that are still alive."""
-    path = data_dir / STATE_FILE
-    if not path.is_file():
-        return []
-    return [w for w in json.loads(path.read_text()) if _alive(w["pid"])]
-
-
-def stop_background(data_dir: Path, timeout: float = 20) -> int:
-    """Warm-stop the workers `farm up` started (SIGKILL after ``timeout``); returns how many."""
-    alive = background_workers(data_dir)
-    for worker in alive:
-        _kill_group(worker["pid"], signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while any(_alive(w["pid"]) for w in alive) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for worker in alive:
-        _kill_group(worker["pid"], signal.SIGKILL)
-    (data_dir / STATE_FILE).unlink(missing_ok=True)
-    return len(alive)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie still answers kill(0); it is dead for our purposes.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(") ")[1][0] != "Z"
-    except OSError:
-        return True
-
-
-def _kill_group(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pid, sig)
