@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from farm.errors import FarmError
+from farm.errors import WorkerFailed
 from farm.local.procs import child_running, kill_group, log_tail, running_with, spawn, wait_until
 from farm.local.supervisor import MODULE, STATE_FILE, STOP_TIMEOUT, live_workers, read_state
 from farm.local.workers import ROLES
@@ -72,9 +72,8 @@ def _start(data_dir: Path, env: dict[str, str], roles: tuple[str, ...]) -> Fleet
     if not (ok and started()):
         kill_group(pid, signal.SIGKILL)
         _stop_orphans(live_workers(read_state(data_dir / STATE_FILE)), 5)
-        raise FarmError(
-            f"the worker supervisor did not start; see {log_path}:\n{log_tail(log_path)}",
-            code="WORKER_FAILED",
+        raise WorkerFailed(
+            f"the worker supervisor did not start; see {log_path}:\n{log_tail(log_path)}"
         )
     return Fleet(pid, False, read_state(data_dir / STATE_FILE)["workers"], log_path)
 

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from farm.errors import FarmError
+from farm.errors import LocalStackFailed
 
 HOST = "127.0.0.1"
 START_TIMEOUT = 30.0
@@ -26,8 +26,8 @@ GRPC_OFFSET = 10000
 Json = dict[str, Any]
 
 
-def fail(message: str) -> FarmError:
-    return FarmError(message, code="LOCAL_STACK_FAILED")
+def fail(message: str) -> LocalStackFailed:
+    return LocalStackFailed(message)
 
 
 # ---- ports ---------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
-from farm.errors import FarmError
+from farm.errors import LocalStackFailed
 from farm.local.info import StackInfo
 from farm.local.postgres_server import PostgresServer
 from farm.local.procs import (
@@ -230,7 +230,7 @@ def _wait_gone(server: Server, pid: int, deadline: float) -> bool:
     return wait_gone(pid, server.process_name, deadline)
 
 
-def _not_up(server: Server, why: str) -> FarmError:
+def _not_up(server: Server, why: str) -> LocalStackFailed:
     log_path = server.log_path()
     return fail(
         f"{server.name} (port {server.main_port()}) {why}; see {log_path}:\n{log_tail(log_path)}"

@@ -15,11 +15,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from farm.errors import FarmError
+from farm.errors import ConfigError, WorkerFailed
 from farm.local.procs import kill_group
 from farm.storage.metadata import Metadata
+from farm.tasks.app import WORKER_ROLES
 
-ROLES = ("cpu", "gpu")
+ROLES = WORKER_ROLES
 
 
 @dataclass
@@ -70,7 +71,7 @@ def worker_command(name: str, loglevel: str = "INFO") -> list[str]:
 def start_worker(role: str, env: dict[str, str], log_dir: Path) -> WorkerProcess:
     """Start one worker of ``role`` with the farm settings in ``env``."""
     if role not in ROLES:
-        raise FarmError(f"unknown worker role {role!r}; choose cpu or gpu", code="CONFIG_INVALID")
+        raise ConfigError(f"unknown worker role {role!r}; choose cpu or gpu")
     name = f"{role}-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"worker-{name.split('@')[0]}.log"
@@ -97,12 +98,8 @@ def wait_ready(meta: Metadata, workers: list[WorkerProcess], timeout: float = 90
             if name in beating:
                 del pending[name]
             elif pending[name].process.poll() is not None:
-                raise FarmError(
-                    f"worker {name} exited; see {pending[name].log_path}", code="WORKER_FAILED"
-                )
+                raise WorkerFailed(f"worker {name} exited; see {pending[name].log_path}")
         if pending and time.monotonic() > deadline:
             logs = ", ".join(str(w.log_path) for w in pending.values())
-            raise FarmError(
-                f"workers not ready after {timeout} s; see {logs}", code="WORKER_FAILED"
-            )
+            raise WorkerFailed(f"workers not ready after {timeout} s; see {logs}")
         time.sleep(0.2)
