@@ -10,9 +10,10 @@ so Celery keeps no results.
 from __future__ import annotations
 
 import os
+import sys
 from importlib import import_module
 
-from celery import Celery
+from celery import Celery, signals
 from kombu import Exchange, Queue
 
 from farm.config import Settings
@@ -147,3 +148,14 @@ def _worker_defaults() -> dict:
 
 
 app.add_defaults(_worker_defaults)
+
+
+@signals.celeryd_init.connect
+def _refuse_bad_settings(**_: object) -> None:
+    """A worker whose settings are bad says so in one line and exits. Connected here, in the
+    module ``-A farm.tasks`` loads, because the worker's task modules load after this signal;
+    and SystemExit, because Celery only logs an Exception raised by a signal handler."""
+    app.conf.broker_url  # noqa: B018 -- reading the configuration loads it
+    if startup_error is not None:
+        print(f"error {startup_error.code}: {startup_error.message}", file=sys.stderr, flush=True)
+        raise SystemExit(2)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import sys
 import threading
 import time
 
@@ -14,7 +13,6 @@ from celery import signals
 from farm.db.session import dispose_engines
 from farm.errors import FarmError
 from farm.storage import keys
-from farm.tasks import app as app_module
 from farm.tasks import context, kombu_fixes
 from farm.tasks.reconcile import reconcile_once_across_farm
 
@@ -55,17 +53,6 @@ class Beat(threading.Thread):
 
 
 _beat: Beat | None = None
-
-
-@signals.celeryd_init.connect
-def _check_settings(**_: object) -> None:
-    """A worker whose settings are bad says so in one line and exits (a signal handler's
-    Exception would only be logged by Celery, and the worker would start misconfigured)."""
-    app_module.app.conf.broker_url  # noqa: B018 -- reading the configuration loads it
-    error = app_module.startup_error
-    if error is not None:
-        print(f"error {error.code}: {error.message}", file=sys.stderr, flush=True)
-        raise SystemExit(2)
 
 
 @signals.worker_process_init.connect
