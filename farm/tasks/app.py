@@ -112,9 +112,13 @@ def configure(settings: Settings, role: str | None = None) -> Celery:
         _forget_connections()
     app.conf.update(conf)
     if settings.signing:
-        # Events stay JSON (Flower reads them); task messages are accepted only signed.
-        app.setup_security(allowed_serializers=["json"], serializer="json", digest="sha256")
+        _setup_signing()
     return app
+
+
+def _setup_signing() -> None:
+    # Events stay JSON (Flower reads them); task messages are accepted only signed.
+    app.setup_security(allowed_serializers=["json"], serializer="json", digest="sha256")
 
 
 def _forget_connections() -> None:
@@ -132,22 +136,33 @@ def celery_priority(priority: int) -> int:
 
 
 startup_error: ConfigError | None = None  # what _worker_defaults could not read
+_signing_from_env = False  # _worker_defaults found signing settings
 
 
 def _worker_defaults() -> dict:
     """The settings `celery -A farm.tasks worker` runs with, read from the environment when
     Celery first reads its configuration (never at import). A bad setting is kept, not raised
     here: the worker reports it as one line and exits (farm.tasks.worker)."""
-    global startup_error
+    global startup_error, _signing_from_env
     try:
         settings = Settings.from_env()
-        return farm_config(settings, os.environ.get("FARM_WORKER_ROLE") or None)
+        conf = farm_config(settings, os.environ.get("FARM_WORKER_ROLE") or None)
+        _signing_from_env = settings.signing
     except ConfigError as exc:
         startup_error = exc
         return {}
+    return conf
 
 
 app.add_defaults(_worker_defaults)
+
+
+@app.on_after_configure.connect
+def _sign_if_asked(**_: object) -> None:
+    """Signing needs its serializer registered as soon as the environment's settings load
+    (a worker checks its accepted content before any other start-up hook runs)."""
+    if _signing_from_env:
+        _setup_signing()
 
 
 @signals.celeryd_init.connect
