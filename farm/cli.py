@@ -439,7 +439,7 @@ def cancel(
 
 
 @app.command("debug-run")
-def debug_run(job_id: str) -> None:
+def debug_run(job_id: str = JobId) -> None:
     """Run a job's remaining stages in this process, without Celery, to see a failure in the
     foreground (a failed or cancelled job is reopened first, as resume does)."""
     from farm.db.job_records import prepare_resume
@@ -448,6 +448,7 @@ def debug_run(job_id: str) -> None:
 
     farm = Farm.from_env()
     logging.getLogger("farm").setLevel(logging.INFO)
+    job_id = farm.get(job_id).id  # a prefix, as for status
     if farm.get(job_id).status() in ("failed", "cancelled"):
         with transaction(farm.ctx.db_url) as conn:
             prepare_resume(conn, job_id)
