@@ -97,7 +97,7 @@ class Follower:
                 jobs, _ = self._poll()
                 bars.update(overall, total=len(jobs), completed=len(self.finished))
                 self._show_running(bars, lines, jobs)
-                if len(self.finished) == len(jobs):
+                if all(j.finished for j in jobs):
                     return jobs
                 time.sleep(POLL_S)
 
@@ -108,7 +108,7 @@ class Follower:
             jobs, new = self._poll()
             for count, job in enumerate(new, len(self.finished) - len(new) + 1):
                 self._plain(f"[{count}/{len(jobs)}] {self._job_line(job)}")
-            if len(self.finished) == len(jobs):
+            if all(j.finished for j in jobs):
                 return jobs
             if new:
                 quiet_since = time.monotonic()
