@@ -103,10 +103,9 @@ class Farm:
             return Job(self.ctx, row.id) if row else None
 
     def get(self, job_id: str) -> Job:
-        """A handle on an existing job; JobNotFound if there is none."""
-        with session_scope(self.ctx.db_url) as s:
-            job_records.get_job(s, job_id)
-        return Job(self.ctx, job_id)
+        """A handle on an existing job, by its id or an unambiguous prefix of it (as
+        ``farm jobs`` shows them); JobNotFound if no single job matches."""
+        return Job(self.ctx, job_queries.resolve_id(self.ctx, job_id))
 
     def resume(self, job_id: str) -> Job:
         """Re-enqueue a failed or cancelled job from its first stage that is not done.

@@ -12,7 +12,7 @@ from farm.db.models import JobStatus
 from farm.db.session import session_scope
 from farm.job import JobInfo, list_jobs, queues_of, warn_if_no_workers
 from farm.tasks.context import Context
-from farm.waiting import poll_until
+from farm.waiting import on_change, poll_until
 
 
 @dataclass(frozen=True)
@@ -64,13 +64,14 @@ class Batch:
         on_progress: Callable[[BatchCounts], None] | None = None,
         poll: float = 0.5,
     ) -> BatchCounts:
-        """Block until every job of the batch has finished; TimeoutError after ``timeout``."""
+        """Block until every job of the batch has finished; TimeoutError after ``timeout``.
+        ``on_progress`` hears of each change of the counts (not of every poll)."""
         warn_if_no_workers(self.ctx, queues_of(self.ctx, batch=self.id))
         return poll_until(
             self.counts,
             lambda counts: counts.finished,
             timeout=timeout,
             poll=poll,
-            report=on_progress,
+            report=on_change(on_progress) if on_progress is not None else None,
             what=f"batch {self.id}",
         )

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 import json
 import logging
 import os
 import secrets
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
-from rich.table import Table
+from rich.table import Column, Table
 
 from farm.api import Farm
 from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env, is_configured
@@ -31,6 +33,8 @@ app = typer.Typer(
     help="A render farm for AI image generation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    # Click's plain help: typer's rich panels print a "<bool>" placeholder after every flag.
+    rich_markup_mode=None,
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
@@ -195,35 +199,75 @@ def config() -> None:
 # -- rendering ------------------------------------------------------------------------------
 
 
-RENDER_OPTIONS = (
-    "prompt",
-    "negative_prompt",
-    "strength",
-    "steps",
-    "guidance",
-    "seed",
-    "size",
-    "scheduler",
-    "sharpen",
-)
+@dataclass(frozen=True)
+class RenderOption:
+    """One render parameter as a command-line option."""
+
+    kind: type
+    flags: tuple[str, ...]
+    help: str
 
 
-def _params(arguments: dict) -> dict:
-    """The render options the user passed; RenderParams fills the rest with its defaults."""
-    return {k: arguments[k] for k in RENDER_OPTIONS if arguments.get(k) is not None}
+# Every RenderParams parameter (README "Python API"), for `farm render` and `farm submit` alike.
+RENDER_OPTIONS: dict[str, RenderOption] = {
+    "prompt": RenderOption(str, ("--prompt", "-p"), "What to render."),
+    "negative_prompt": RenderOption(str, ("--negative-prompt",), "What to avoid."),
+    "strength": RenderOption(float, ("--strength",), "0-1: how far from the input (0.75)."),
+    "steps": RenderOption(int, ("--steps",), "Denoising steps, 1-500 (30)."),
+    "guidance": RenderOption(float, ("--guidance",), "Classifier-free guidance, 0-50 (7.5)."),
+    "seed": RenderOption(int, ("--seed",), "Random seed (0)."),
+    "size": RenderOption(
+        str, ("--size",), "Long side in pixels; the other follows the input's aspect ratio (512)."
+    ),
+    "width": RenderOption(int, ("--width",), "Exact output width, fitted by --fit."),
+    "height": RenderOption(int, ("--height",), "Exact output height, fitted by --fit."),
+    "fit": RenderOption(
+        str, ("--fit",), "With --width/--height: cover (crop, default), contain (pad), stretch."
+    ),
+    "scheduler": RenderOption(str, ("--scheduler",), "pndm, ddim, euler, euler_a or dpm."),
+    "sharpen": RenderOption(float, ("--sharpen",), "Unsharp-mask amount, 0-5 (0)."),
+    "saturation": RenderOption(float, ("--saturation",), "Colour saturation, 0-5 (1)."),
+    "contrast": RenderOption(float, ("--contrast",), "Contrast, 0-5 (1)."),
+    "brightness": RenderOption(float, ("--brightness",), "Brightness, 0-5 (1)."),
+}
 
 
-Prompt = typer.Option(None, "--prompt", "-p", help="What to render.")
-Negative = typer.Option(None, "--negative-prompt", help="What to avoid.")
-Strength = typer.Option(None, "--strength", help="0-1: how far from the input (default 0.75).")
-Steps = typer.Option(None, "--steps", help="Denoising steps (default 30).")
-Guidance = typer.Option(None, "--guidance", help="Classifier-free guidance (default 7.5).")
-Seed = typer.Option(None, "--seed", help="Random seed (default 0).")
-Size = typer.Option(None, "--size", help="512 or WIDTHxHEIGHT (multiples of 8).")
-Scheduler = typer.Option(None, "--scheduler", help="pndm, ddim, euler, euler_a or dpm.")
-Sharpen = typer.Option(None, "--sharpen", help="Unsharp-mask amount, 0-5.")
-Pipeline = typer.Option("img2img", "--pipeline", help="img2img or txt2img.")
-Priority = typer.Option(5, "--priority", help="0-9, higher runs first.")
+@dataclass(frozen=True)
+class RenderArgs:
+    """What a rendering command was asked: the pipeline, the priority, and the render
+    parameters given (RenderParams fills in the rest with its defaults)."""
+
+    pipeline: str
+    priority: int
+    params: dict
+
+
+def render_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the --pipeline and --priority options and every render option; it
+    receives them as one ``render: RenderArgs`` argument."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "render"]
+    added = [
+        _keyword("pipeline", str, typer.Option("img2img", help="img2img or txt2img.")),
+        _keyword("priority", int, typer.Option(5, help="0-9, higher runs first.")),
+        *(
+            _keyword(name, o.kind, typer.Option(None, *o.flags, help=o.help))
+            for name, o in RENDER_OPTIONS.items()
+        ),
+    ]
+
+    @functools.wraps(command)
+    def with_render_args(**kwargs: object) -> None:
+        given = {name: kwargs.pop(name) for name in RENDER_OPTIONS}
+        params = {name: value for name, value in given.items() if value is not None}
+        render = RenderArgs(kwargs.pop("pipeline"), kwargs.pop("priority"), params)
+        command(**kwargs, render=render)
+
+    with_render_args.__signature__ = inspect.Signature([*own, *added])  # what typer reads
+    return with_render_args
+
+
+def _keyword(name: str, kind: type, option: object) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
 
 
 @contextmanager
@@ -254,38 +298,64 @@ def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
 
 
 @app.command()
+@render_options
 def render(
     input_dir: Path = typer.Argument(..., help="Folder of images."),
-    output: Path = typer.Option(..., "--output", "-o", help="Where to write <input stem>.png."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the outputs."),
     recursive: bool = typer.Option(False, "--recursive", "-r", help="Include sub-folders."),
-    prompt: str | None = Prompt,
-    negative_prompt: str | None = Negative,
-    strength: float | None = Strength,
-    steps: int | None = Steps,
-    guidance: float | None = Guidance,
-    seed: int | None = Seed,
-    size: str | None = Size,
-    scheduler: str | None = Scheduler,
-    sharpen: float | None = Sharpen,
-    pipeline: str = Pipeline,
-    priority: int = Priority,
     data_dir: Path | None = DataDir,
+    *,
+    render: RenderArgs,
 ) -> None:
-    """Render every image of a folder; exits 1 if any failed. Re-running skips done inputs."""
+    """Render every image of a folder into OUTPUT (<input stem>.png); exits 1 if any failed.
+    Re-running the same command skips what is done and follows what is still running."""
     from farm.follower import Follower, summary
 
-    params = _params(locals())
-    with _farm(data_dir) as farm:
-        batch = farm.submit_folder(
-            input_dir, recursive, pipeline=pipeline, priority=priority, **params
-        )
-        _warn_missing(farm, batch)
-        output.mkdir(parents=True, exist_ok=True)
-        jobs = Follower(farm, batch, output, console).run()
+    _output_folder(output)  # before anything is submitted
+    embedded = data_dir is not None or not is_configured()  # as _farm decides
+    batch = None
+    try:
+        with _farm(data_dir) as farm:
+            batch = farm.submit_folder(
+                input_dir,
+                recursive,
+                pipeline=render.pipeline,
+                priority=render.priority,
+                **render.params,
+            )
+            console.print(f"batch {batch.id}", highlight=False)
+            _warn_missing(farm, batch)
+            jobs = Follower(farm, batch, output, console).run()
+    except KeyboardInterrupt:
+        err.print(_interrupted(batch, embedded=embedded), soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
     console.print(summary(jobs, batch.skipped))
-    console.print(f"outputs in {output.resolve()}  (batch {batch.id})")
+    console.print(f"outputs in {output.resolve()}  (batch {batch.id})", highlight=False)
     if any(j.status != "done" for j in jobs):
         raise typer.Exit(1)
+
+
+def _output_folder(output: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a folder (it is created if new)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output {output}: cannot create it ({exc.strerror})") from exc
+
+
+def _interrupted(batch, *, embedded: bool) -> str:
+    """What Ctrl-C leaves behind, and how to go on from there."""
+    again = "\n  to continue: re-run the same `farm render` (it skips what is done)"
+    if batch is None:
+        return f"interrupted while submitting{again}"
+    if embedded:
+        return f"interrupted: the embedded farm stopped, batch {batch.id} unfinished{again}"
+    return (
+        f"interrupted: batch {batch.id} goes on rendering on the farm{again}"
+        f"\n  to stop it:  farm cancel --batch {batch.id}"
+    )
 
 
 def _warn_missing(farm: Farm, batch) -> None:
@@ -298,32 +368,27 @@ def _warn_missing(farm: Farm, batch) -> None:
 
 
 @app.command()
+@render_options
 def submit(
     image: Path | None = typer.Argument(None, help="Input image (none for txt2img)."),
-    prompt: str | None = Prompt,
-    negative_prompt: str | None = Negative,
-    strength: float | None = Strength,
-    steps: int | None = Steps,
-    guidance: float | None = Guidance,
-    seed: int | None = Seed,
-    size: str | None = Size,
-    scheduler: str | None = Scheduler,
-    sharpen: float | None = Sharpen,
-    pipeline: str = Pipeline,
-    priority: int = Priority,
+    *,
+    render: RenderArgs,
 ) -> None:
     """Submit one job and print its id."""
-    params = _params(locals())
-    job = Farm.from_env().submit(image, pipeline=pipeline, priority=priority, **params)
+    farm = Farm.from_env()
+    job = farm.submit(image, pipeline=render.pipeline, priority=render.priority, **render.params)
     console.print(job.id)
 
 
 # -- inspecting and steering --------------------------------------------------------------------
 
 
+JobId = typer.Argument(..., help="A job id as `farm jobs` shows it, or a prefix of it.")
+
+
 @app.command()
-def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A job's status and its stage table (status, attempts, worker, duration)."""
+def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's status and its stage table (status, attempts, lost runs, worker, duration)."""
     job = Farm.from_env().get(job_id)
     info, stages = job.info(), job.stages()
     if as_json:
@@ -337,12 +402,31 @@ def status(job_id: str, as_json: bool = typer.Option(False, "--json")) -> None:
     console.print(f"job {info.id}  [bold]{info.status}[/]  pipeline {info.pipeline}")
     if info.error_code:
         console.print(f"[red]{info.error_code}[/]: {info.error_message}")
-    table = Table("stage", "queue", "status", "attempts", "worker", "duration", "artifact")
+    for s in stages:
+        if s.lost_runs:
+            console.print(
+                f"[yellow]{s.name}[/]: its worker died {s.lost_runs} time(s) mid-stage; "
+                "the stage was sent again"
+            )
+    table = Table("stage", "queue", "status", "attempts", "lost", "worker", "duration", "artifact")
     for s in stages:
         duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
         size = f"{s.artifact_size:,} B" if s.artifact_size else ""
-        table.add_row(s.name, s.queue, s.status, str(s.attempts), s.worker or "", duration, size)
+        row = (s.name, s.queue, s.status, str(s.attempts), str(s.lost_runs), s.worker or "")
+        table.add_row(*row, duration, size)
     console.print(table)
+
+
+@app.command()
+def result(
+    job_id: str = JobId,
+    output: Path = typer.Option(..., "--output", "-o", help="File to write the PNG to."),
+) -> None:
+    """Download a done job's output PNG (NOT_DONE if it has none yet)."""
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name")
+    saved = Farm.from_env().get(job_id).save(output)
+    console.print(f"saved {saved}", highlight=False)
 
 
 @app.command()
@@ -352,12 +436,13 @@ def jobs(
     limit: int = typer.Option(50, "--limit"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
-    """List jobs, newest first."""
+    """List jobs, newest first (ids in full, for status, result, resume and cancel)."""
     found = Farm.from_env().jobs(status=status_, batch=batch, limit=limit)
     if as_json:
         console.print_json(json.dumps([_jsonable(asdict(j)) for j in found]))
         return
-    table = Table("id", "status", "stage", "input", "error", "created")
+    whole_id = Column("id", no_wrap=True, min_width=32)  # never cut short: users paste it
+    table = Table(whole_id, "status", "stage", "input", "error", "created")
     for j in found:
         table.add_row(
             j.id,
@@ -372,7 +457,7 @@ def jobs(
 
 @app.command()
 def resume(
-    job_id: str | None = typer.Argument(None),
+    job_id: str | None = typer.Argument(None, help="A job id, or a prefix of it."),
     failed: bool = typer.Option(False, "--failed", help="Resume every failed job."),
     cancelled: bool = typer.Option(
         False, "--cancelled", help="With --failed: resume cancelled jobs too."
@@ -386,27 +471,27 @@ def resume(
         resumed = farm.resume_failed(batch, cancelled=cancelled)
         console.print(f"resumed {len(resumed)} job(s)")
     elif job_id:
-        farm.resume(job_id)
-        console.print(f"resumed {job_id}")
+        job = farm.resume(farm.get(job_id).id)
+        console.print(f"resumed {job.id}")
     else:
         raise ConfigError("give a JOB id or --failed")
 
 
 @app.command()
 def cancel(
-    job_id: str | None = typer.Argument(None),
+    job_id: str | None = typer.Argument(None, help="A job id, or a prefix of it."),
     batch: str | None = typer.Option(None, "--batch", help="Cancel every unfinished job."),
 ) -> None:
     """Cancel a job or a batch; a running stage stops at its next step."""
     farm = Farm.from_env()
     if not (job_id or batch):
         raise ConfigError("give a JOB id or --batch ID")
-    count = farm.cancel(job_id, batch=batch) if batch else farm.cancel(job_id)
+    count = farm.cancel(batch=batch) if batch else farm.cancel(farm.get(job_id))
     console.print(f"cancelled {count} job(s)")
 
 
 @app.command("debug-run")
-def debug_run(job_id: str) -> None:
+def debug_run(job_id: str = JobId) -> None:
     """Run a job's remaining stages in this process, without Celery, to see a failure in the
     foreground (a failed or cancelled job is reopened first, as resume does)."""
     from farm.db.job_records import prepare_resume
@@ -415,6 +500,7 @@ def debug_run(job_id: str) -> None:
 
     farm = Farm.from_env()
     logging.getLogger("farm").setLevel(logging.INFO)
+    job_id = farm.get(job_id).id  # a prefix, as for status
     if farm.get(job_id).status() in ("failed", "cancelled"):
         with transaction(farm.ctx.db_url) as conn:
             prepare_resume(conn, job_id)

@@ -1,10 +1,13 @@
-"""The terminal follower of `farm render`: progress bars, outputs written as jobs finish, a
-summary at the end."""
+"""The terminal follower of `farm render`: progress (live bars on a terminal, plain lines in a
+log), outputs written as jobs finish, a summary at the end."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path, PurePosixPath
 
 from rich.console import Console, RenderableType
@@ -15,31 +18,72 @@ from rich.text import Text
 from farm.api import Farm
 from farm.batch import Batch
 from farm.db.models import JobStatus
-from farm.job import Job, JobInfo
+from farm.job import Job, JobInfo, lost_runs, output_checksums
 
 POLL_S = 0.5
 SHOWN_RUNNING = 4  # per-job lines under the overall bar
+PLAIN_EVERY_S = 10.0  # without a terminal: a "n/N finished" line when nothing else was printed
 
 
 def output_names(names: list[str]) -> dict[str, str]:
-    """``sub/cat.jpg`` -> ``sub/cat.png``; when two inputs share a stem, keep the extension
-    (``cat.jpg.png``, ``cat.webp.png``) so neither overwrites the other."""
-    stems = Counter(str(PurePosixPath(n).with_suffix("")) for n in names)
-    out = {}
-    for name in names:
-        stem = str(PurePosixPath(name).with_suffix(""))
-        out[name] = f"{name}.png" if stems[stem] > 1 else f"{stem}.png"
+    """Where each input's output goes under the output folder: ``sub/cat.jpg`` ->
+    ``sub/cat.png``. When inputs share a stem, the one named ``<stem>.png`` keeps that name and
+    each other one adds ``.png`` to its own name (``cat.png`` -> ``cat.png``, ``cat.jpg`` ->
+    ``cat.jpg.png``), so none overwrites another and no name ends in ``.png.png``. Should a name
+    still be taken (an input literally named ``cat.jpg.png`` as well), the next in sorted order
+    gets `` (2)``, `` (3)``... before ``.png``. The same input names always give the same
+    outputs."""
+    wanted = {name: str(PurePosixPath(name).with_suffix("")) + ".png" for name in names}
+    claims = Counter(wanted.values())
+    out = {name: name for name in names if wanted[name] == name}  # already <stem>.png
+    used = set(out)
+    for name in sorted(set(names) - used):
+        target = wanted[name] if claims[wanted[name]] == 1 else f"{name}.png"
+        base, number = target.removesuffix(".png"), 2
+        while target in used:
+            target, number = f"{base} ({number}).png", number + 1
+        out[name] = target
+        used.add(target)
     return out
 
 
+def save_output(target: Path, checksum: str | None, fetch: Callable[[], bytes]) -> bool:
+    """Write an output unless the file already holds it (its sha256 is the recorded checksum),
+    so re-running a finished folder leaves its files and their mtimes alone. True if written."""
+    if checksum and target.is_file():
+        with target.open("rb") as f:
+            if hashlib.file_digest(f, "sha256").hexdigest() == checksum:
+                return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(fetch())
+    return True
+
+
+def _name(job: JobInfo) -> str:
+    return job.input_name or job.id
+
+
 class Follower:
-    """Polls a batch, draws progress, and saves each output as soon as its job is done."""
+    """Polls a batch, shows progress, and saves each output as soon as its job is done."""
 
     def __init__(self, farm: Farm, batch: Batch, out_dir: Path, console: Console) -> None:
         self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
-        self.saved: set[str] = set()
+        self.finished: set[str] = set()
+        self.saved: dict[str, tuple[str, bool]] = {}  # done job -> its output, whether written
 
     def run(self) -> list[JobInfo]:
+        return self._run_bars() if self.console.is_terminal else self._run_plain()
+
+    def _poll(self) -> tuple[list[JobInfo], list[JobInfo]]:
+        """The batch's jobs, and those that finished since the last poll (outputs saved)."""
+        jobs = self.batch.jobs()
+        new = [j for j in jobs if j.finished and j.id not in self.finished]
+        self._save([j for j in new if j.status == JobStatus.DONE], jobs)
+        self._tell_lost_runs(new)
+        self.finished.update(j.id for j in new)
+        return jobs, new
+
+    def _run_bars(self) -> list[JobInfo]:
         columns = (
             TextColumn("{task.description}"),
             BarColumn(),
@@ -50,23 +94,65 @@ class Follower:
             overall = bars.add_task("rendering", total=None)
             lines = [bars.add_task("", total=None, visible=False) for _ in range(SHOWN_RUNNING)]
             while True:
-                jobs = self.batch.jobs()
-                self._save_done(jobs)
-                finished = sum(1 for j in jobs if j.finished)
-                bars.update(overall, total=len(jobs), completed=finished)
+                jobs, _ = self._poll()
+                bars.update(overall, total=len(jobs), completed=len(self.finished))
                 self._show_running(bars, lines, jobs)
-                if finished == len(jobs):
+                if all(j.finished for j in jobs):
                     return jobs
                 time.sleep(POLL_S)
 
-    def _save_done(self, jobs: list[JobInfo]) -> None:
-        names = output_names([j.input_name or j.id for j in jobs])
-        for job in jobs:
-            if job.status == JobStatus.DONE and job.id not in self.saved:
-                target = self.out_dir / names[job.input_name or job.id]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(self.farm.ctx.store.get(job.output_key))
-                self.saved.add(job.id)
+    def _run_plain(self) -> list[JobInfo]:
+        """For logs (CI, nohup): one line per finished job, and a count now and then."""
+        quiet_since = time.monotonic()
+        while True:
+            jobs, new = self._poll()
+            for count, job in enumerate(new, len(self.finished) - len(new) + 1):
+                self._plain(f"[{count}/{len(jobs)}] {self._job_line(job)}")
+            if all(j.finished for j in jobs):
+                return jobs
+            if new:
+                quiet_since = time.monotonic()
+            elif time.monotonic() - quiet_since >= PLAIN_EVERY_S:
+                counts = Counter(j.status for j in jobs)
+                states = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
+                self._plain(f"[{len(self.finished)}/{len(jobs)}] finished; {states}")
+                quiet_since = time.monotonic()
+            time.sleep(POLL_S)
+
+    def _plain(self, line: str) -> None:
+        self.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    def _job_line(self, job: JobInfo) -> str:
+        if job.status != JobStatus.DONE:
+            error = f"  {job.error_code}: {job.error_message}" if job.error_code else ""
+            return f"{job.status} {_name(job)}{error}"
+        output, written = self.saved[job.id]
+        return f"done {_name(job)} -> {output}{'' if written else ' (unchanged)'}"
+
+    def _save(self, done: list[JobInfo], jobs: list[JobInfo]) -> None:
+        if not done:
+            return
+        names = output_names([_name(j) for j in jobs])
+        checksums = output_checksums(self.farm.ctx, [j.id for j in done])
+        store = self.farm.ctx.store
+        for job in done:
+            output = names[_name(job)]
+            fetch = partial(store.get, job.output_key)
+            written = save_output(self.out_dir / output, checksums.get(job.id), fetch)
+            self.saved[job.id] = output, written
+
+    def _tell_lost_runs(self, new: list[JobInfo]) -> None:
+        """One line per job whose worker died mid-stage (the stage was sent again)."""
+        lost = lost_runs(self.farm.ctx, [j.id for j in new]) if new else {}
+        for job in (j for j in new if j.id in lost):
+            stages = ", ".join(f"{stage} ({n}x)" for stage, n in lost[job.id].items())
+            self.console.print(
+                f"{_name(job)}: a worker died during {stages}; the stage was sent again "
+                f"and the job is {job.status} (farm status {job.id})",
+                markup=False,
+                highlight=False,
+                soft_wrap=True,
+            )
 
     def _show_running(self, bars: Progress, lines: list, jobs: list[JobInfo]) -> None:
         running = [j for j in jobs if j.status == JobStatus.RUNNING][: len(lines)]

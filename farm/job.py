@@ -12,16 +12,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from farm.db.job_records import get_job
-from farm.db.models import TERMINAL, JobStatus
+from farm.db.models import TERMINAL, JobStatus, StageRun
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
-from farm.errors import NotDone
+from farm.errors import JobNotFound, NotDone
 from farm.pipelines import get_pipeline
 from farm.tasks.context import Context
-from farm.waiting import poll_until
+from farm.waiting import on_change, poll_until
+
+ID_LENGTH = 32  # uuid4().hex
+_HEX = frozenset("0123456789abcdef")
 
 
 class NoWorkerWarning(UserWarning):
@@ -36,6 +39,7 @@ class StageInfo:
     queue: str
     status: str
     attempts: int
+    lost_runs: int  # deliveries whose worker died mid-stage; the stage was sent again
     worker: str | None
     duration_s: float | None
     artifact_key: str | None
@@ -114,12 +118,14 @@ class Job:
         poll: float = 0.25,
     ) -> JobInfo:
         """Block until the job is done, failed or cancelled; TimeoutError after ``timeout``.
+        ``on_progress`` hears of each change of the live progress (not of every poll).
         Warns (NoWorkerWarning) when no live worker consumes a queue the job needs."""
         warn_if_no_workers(self.ctx, queues_of(self.ctx, job_id=self.id))
+        changed = on_change(on_progress) if on_progress is not None else None
 
         def report(info: JobInfo) -> None:
-            if on_progress is not None and not info.finished:
-                on_progress(self.progress())
+            if changed is not None and not info.finished:
+                changed(self.progress())
 
         return poll_until(
             self.info,
@@ -143,6 +149,27 @@ class Job:
         return path
 
 
+def resolve_id(ctx: Context, id_or_prefix: str) -> str:
+    """The full id of the one job whose id is or starts with ``id_or_prefix``; JobNotFound
+    when none does, or when the prefix matches several jobs."""
+    prefix = id_or_prefix.strip().lower()
+    if not prefix or not set(prefix) <= _HEX or len(prefix) > ID_LENGTH:
+        raise JobNotFound(f"No job with id {id_or_prefix!r} (ids are hexadecimal).")
+    # A range the primary key's index answers (ids are hex: every id with the prefix sorts
+    # below prefix + "g"), rather than LIKE, which Postgres scans for in most collations.
+    match = (JobRow.id >= prefix) & (JobRow.id < prefix + "g")
+    with session_scope(ctx.db_url) as s:
+        found = s.scalars(select(JobRow.id).where(match).limit(2)).all()
+        if len(found) > 1:
+            count = s.scalar(select(func.count()).select_from(JobRow).where(match))
+            raise JobNotFound(
+                f"Ambiguous prefix {id_or_prefix!r}: it matches {count} jobs; give more of the id."
+            )
+    if not found:
+        raise JobNotFound(f"No job with id {id_or_prefix!r}.")
+    return found[0]
+
+
 def list_jobs(
     ctx: Context, status: str | None = None, batch: str | None = None, limit: int | None = 1000
 ) -> list[JobInfo]:
@@ -154,6 +181,29 @@ def list_jobs(
         query = query.where(JobRow.batch_id == batch)
     with session_scope(ctx.db_url) as s:
         return [job_info(row) for row in s.scalars(query)]
+
+
+def output_checksums(ctx: Context, job_ids: list[str]) -> dict[str, str]:
+    """sha256 of each done job's output, from the record of the stage that wrote it."""
+    query = (
+        select(StageRun.job_id, StageRun.checksum)
+        .join(JobRow, JobRow.id == StageRun.job_id)
+        .where(StageRun.job_id.in_(job_ids), StageRun.artifact_key == JobRow.output_key)
+    )
+    with session_scope(ctx.db_url) as s:
+        return {job_id: checksum for job_id, checksum in s.execute(query) if checksum}
+
+
+def lost_runs(ctx: Context, job_ids: list[str]) -> dict[str, dict[str, int]]:
+    """For each of these jobs that lost a worker mid-stage: stage -> deliveries lost."""
+    query = select(StageRun.job_id, StageRun.stage, StageRun.lost_runs).where(
+        StageRun.job_id.in_(job_ids), StageRun.lost_runs > 0
+    )
+    found: dict[str, dict[str, int]] = {}
+    with session_scope(ctx.db_url) as s:
+        for job_id, stage, lost in s.execute(query.order_by(StageRun.position)):
+            found.setdefault(job_id, {})[stage] = lost
+    return found
 
 
 def queues_of(ctx: Context, *, job_id: str | None = None, batch: str | None = None) -> set[str]:
@@ -207,6 +257,7 @@ def _stage_info(run) -> StageInfo:
         queue=run.queue,
         status=run.status,
         attempts=run.attempts,
+        lost_runs=run.lost_runs,
         worker=run.worker,
         duration_s=run.duration_s,
         artifact_key=run.artifact_key,

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+_NOTHING = object()
 
 
 def poll_until(
@@ -29,3 +30,17 @@ def poll_until(
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"{what} unfinished after {timeout} s: {value}")
         time.sleep(poll)
+
+
+def on_change(callback: Callable[[T], None]) -> Callable[[T], None]:
+    """``callback``, called only with a value unequal to the one it was last called with: a
+    progress callback hears of each change once, not of every poll."""
+    last: object = _NOTHING
+
+    def report(value: T) -> None:
+        nonlocal last
+        if value != last:
+            last = value
+            callback(value)
+
+    return report

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -82,6 +84,34 @@ def test_unreadable_and_empty_inputs_are_rejected(farm, tmp_path: Path) -> None:
 def test_get_unknown_job(farm) -> None:
     with pytest.raises(JobNotFound):
         farm.get("0" * 32)
+    with pytest.raises(JobNotFound, match="hexadecimal"):
+        farm.get("not-an-id%")
+
+
+def test_get_takes_an_unambiguous_prefix(farm, running) -> None:
+    job = farm.submit(pipeline="txt2img", **FAST)
+    assert farm.get(job.id[:8]).id == job.id
+    assert farm.get(job.id.upper()).id == job.id
+    extra = []
+    while max(Counter(j.id[0] for j in farm.jobs(limit=None)).values()) < 2:
+        extra.append(farm.submit(pipeline="txt2img", **FAST))  # at most 16 more
+    shared, count = Counter(j.id[0] for j in farm.jobs(limit=None)).most_common(1)[0]
+    with pytest.raises(JobNotFound, match=f"matches {count} jobs"):
+        farm.get(shared)
+    for other in extra:
+        farm.cancel(other)
+
+
+def test_on_progress_hears_of_changes_not_of_every_poll(farm, running, tmp_path) -> None:
+    heard: list = []
+    job = farm.submit(sample_png(hue=77), **FAST)
+    job.wait(timeout=120, on_progress=heard.append, poll=0.005)
+    assert heard and all(a != b for a, b in pairwise(heard))
+    counts: list = []
+    batch = farm.submit_folder(make_folder(tmp_path / "in", good=1, hue0=177), **FAST)
+    batch.wait(timeout=120, on_progress=counts.append, poll=0.005)
+    assert counts and all(a != b for a, b in pairwise(counts))
+    assert counts[-1].finished
 
 
 def test_submit_folder_renders_good_files_and_reports_bad_ones(farm, running, tmp_path) -> None:
