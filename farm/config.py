@@ -80,18 +80,6 @@ class Settings(BaseSettings):
             out[name] = value
         return out
 
-    def env_lines(self) -> list[str]:
-        """``FARM_X=value`` lines with real secrets, for ``farm.env`` files."""
-        lines = []
-        for name, field in type(self).model_fields.items():
-            value = getattr(self, name)
-            if value is None or value == field.default:
-                continue
-            if isinstance(value, SecretStr):
-                value = value.get_secret_value()
-            lines.append(f"{ENV_PREFIX}{name.upper()}={value}")
-        return lines
-
     @property
     def signing(self) -> bool:
         """Whether task messages are signed (all three signing settings given)."""

@@ -41,9 +41,6 @@ class Pipeline:
                 return spec
         raise KeyError(f"pipeline {self.name!r} has no stage {name!r}")
 
-    def position(self, name: str) -> int:
-        return [spec.name for spec in self.stages].index(name)
-
     def queues(self) -> set[str]:
         return {spec.queue for spec in self.stages}
 
@@ -51,12 +48,6 @@ class Pipeline:
         """Stages not done whose inputs are all done: what to enqueue next."""
         done = set(done)
         return [s for s in self.stages if s.name not in done and set(s.after) <= done]
-
-    def final(self) -> StageSpec:
-        """The stage that writes the job's output (nothing reads from it)."""
-        read = {dep for spec in self.stages for dep in spec.after}
-        (last,) = [spec for spec in self.stages if spec.name not in read]
-        return last
 
 
 def linear(name: str, steps: list[tuple[str, str, str]], *, needs_input: bool = True) -> Pipeline:

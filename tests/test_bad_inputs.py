@@ -1,4 +1,4 @@
-"""The bad-input catalog (notes/reliability.md §3), one test per case, unit level.
+"""The bad-input catalog (README, Reliability: bad inputs and their codes), one test a case.
 
 Each case calls the code that judges it directly: the preprocess stage for what needs decoding
 (worker side), farm.inputs for what is checked before upload (submit side), RenderParams and the

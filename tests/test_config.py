@@ -83,10 +83,3 @@ def test_secrets_are_masked_in_repr(clean_env: pytest.MonkeyPatch) -> None:
     for secret in ("brokerpw", "redispw", "dbpw", "s3-secret-sentinel"):
         assert secret not in text
     assert "redis://:***@127.0.0.1:6390/0" in text
-
-
-def test_env_lines_round_trip(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for key, value in BASE.items():
-        clean_env.setenv(key, value)
-    lines = Settings.from_env().env_lines()
-    assert "FARM_S3_SECRET_KEY=s3-secret-sentinel" in lines

@@ -1,6 +1,6 @@
 """Fault injection on the real stack: kill workers, restart servers, duplicate messages.
 
-After every fault the invariants hold (notes/reliability.md):
+After every fault the invariants hold (DESIGN invariants; README, Reliability):
   I1 one done record per (job, stage);  I2 every job terminal;  I3 no orphaned objects or
   unfinished uploads;  I4 outputs identical to a fault-free run with the same seed;
   I5 no secret in any log (test at the end of this module).
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
+from farm.db.models import Batch as BatchRow
 from farm.db.models import Job
 from farm.db.session import session_scope
 from farm.pipelines import get_pipeline
@@ -218,7 +219,15 @@ def _job_rows(farm):
 
 
 def jobs_of(farm, folder: Path):
-    return [j for j in farm.jobs(limit=None) if j.params.get("width") == 16]
+    """The jobs submitted from ``folder`` (their batch's source), whichever run recorded them."""
+    query = (
+        select(Job.id)
+        .join(BatchRow, BatchRow.id == Job.batch_id)
+        .where(BatchRow.source == str(folder.resolve()))
+    )
+    with session_scope(farm.ctx.db_url) as s:
+        ids = set(s.scalars(query))
+    return [j for j in farm.jobs(limit=None) if j.id in ids]
 
 
 def test_no_secret_appears_in_any_log(stack, workers, local_stack) -> None:

@@ -25,4 +25,12 @@ def test_transient_errors_are_retryable_and_input_errors_are_not() -> None:
     assert errors.StorageError("x").retryable
     assert errors.DatabaseError("x").retryable
     assert not errors.InvalidImage("x").retryable
+
+
+def test_refusals_are_never_caught_as_transient() -> None:
+    for refused in (errors.StorageAuthError, errors.BucketMissing, errors.StorageRejected):
+        assert not issubclass(refused, errors.TransientError)
+        assert not refused("x").retryable
+    retryable = {c for c in vars(errors).values() if isinstance(c, type) and c.retryable}
+    assert all(issubclass(c, errors.TransientError) for c in retryable)
     assert str(errors.InvalidImage("bad", code="INPUT_CORRUPT")) == "INPUT_CORRUPT: bad"

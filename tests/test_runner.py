@@ -3,10 +3,14 @@ Postgres, Redis and S3, and what the runner does with records a worker cannot us
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+from datetime import timedelta
 
+import pytest
 from pydantic import SecretStr
-from sqlalchemy import select, update
+from sqlalchemy import func, select, update
 
 from farm.db import job_records, stage_records
 from farm.db.models import Job as JobRow
@@ -14,8 +18,11 @@ from farm.db.models import StageRun as RunRow
 from farm.db.session import session_scope, transaction
 from farm.pipelines import get_pipeline
 from farm.storage import keys
+from farm.tasks import faults
 from farm.tasks.context import Context
+from farm.tasks.dispatch import InlineSender
 from farm.tasks.inline import run_job_inline
+from farm.tasks.reconcile import requeue_dead
 from farm.tasks.runner import LeaseKeeper
 from tests.helpers import sample_png, wait_until
 
@@ -39,11 +46,26 @@ def record_job(ctx: Context, params: dict, image: bytes | None = None) -> str:
     return job_id
 
 
+@pytest.fixture
+def no_reconciler(farm):
+    """Hold the farm-wide reconciler lock, so the session's workers leave this test's jobs be
+    (their reconciler would send a stage recorded queued and never sent to the broker)."""
+    with farm.ctx.meta.try_lock(keys.RECONCILE_LOCK, ttl=60) as got:
+        assert got
+        yield
+
+
 def test_inline_run_renders_what_the_workers_render(farm, running, tiny_model) -> None:
     reference = farm.submit(sample_png(hue=40), **PARAMS)
     assert reference.wait(timeout=120).status == "done"
-    job_id = record_job(farm.ctx, PARAMS)
-    ran = run_job_inline(farm.ctx, job_id)
+    _inline_matches(farm, reference)
+
+
+def _inline_matches(farm, reference) -> None:
+    with farm.ctx.meta.try_lock(keys.RECONCILE_LOCK, ttl=60) as got:
+        assert got  # the session's workers' reconciler leaves this job alone meanwhile
+        job_id = record_job(farm.ctx, PARAMS)
+        ran = run_job_inline(farm.ctx, job_id)
     assert ran == [(stage.name, "done") for stage in get_pipeline("img2img").stages]
     job = farm.get(job_id)
     assert job.status() == "done"
@@ -51,7 +73,9 @@ def test_inline_run_renders_what_the_workers_render(farm, running, tiny_model) -
     assert job.result() == reference.result()
 
 
-def test_stored_parameters_that_fail_validation_fail_the_stage_at_once(farm, tiny_model) -> None:
+def test_stored_parameters_that_fail_validation_fail_the_stage_at_once(
+    farm, tiny_model, no_reconciler
+) -> None:
     job_id = record_job(farm.ctx, PARAMS)
     with session_scope(farm.ctx.db_url) as s:  # as if written by another version
         s.execute(update(JobRow).where(JobRow.id == job_id).values(params={"steps": "many"}))
@@ -95,3 +119,36 @@ def test_postgres_heartbeat_goes_on_while_redis_is_unreachable(settings, tiny_mo
     finally:
         keeper.stop()
     assert not keeper.lost  # Redis being down is not another delivery taking over
+
+
+def test_the_reconciler_sends_a_dead_workers_stage_again(farm, tiny_model, no_reconciler) -> None:
+    job_id = record_job(farm.ctx, PARAMS)
+    with transaction(farm.ctx.db_url) as conn:  # a worker took the stage, then died
+        stage_records.begin_stage(conn, job_id, "preprocess", "dead@host", max_lost=3)
+        long_ago = func.now() - timedelta(hours=1)
+        conn.execute(update(RunRow).where(RunRow.job_id == job_id).values(heartbeat_at=long_ago))
+    sender = InlineSender()
+    assert (job_id, "preprocess") in requeue_dead(farm.ctx, sender)
+    assert list(sender.pending) == ["preprocess"]
+    run_job_inline(farm.ctx, job_id)
+    first = farm.get(job_id).stages()[0]
+    assert (first.status, first.attempts, first.lost_runs) == ("done", 2, 1)
+    assert farm.get(job_id).status() == "done"
+
+
+def test_debug_run_reproduces_a_failure_in_the_foreground(farm, farm_env, running, meta) -> None:
+    job = farm.submit(sample_png(hue=41), **PARAMS)
+    faults.arm(meta, job.id, "postprocess", "start", "fail")
+    assert job.wait(timeout=120).error_code == "STAGE_FAILED"
+    faults.arm(meta, job.id, "postprocess", "start", "fail")  # it fails again, in the foreground
+    env = {k: v for k, v in farm_env.items()}
+    done = subprocess.run(
+        [sys.executable, "-m", "farm", "debug-run", job.id[:10]],
+        env={**env, "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "postprocess  failed" in done.stdout and "injected failure" in done.stdout
+    assert job.stages()[-1].attempts == 2  # the earlier stages were not run again
+    assert all(s.attempts == 1 for s in job.stages()[:-1])

@@ -260,7 +260,6 @@ def test_registry() -> None:
         "noop",
     ]
     assert STAGES["postprocess"].output == "png"
-    assert (STAGES["preprocess"].input, STAGES["noise_txt2img"].input) == ("bytes", "none")
 
 
 # -- postprocess ---------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +24,7 @@ import pytest
 from botocore.config import Config
 
 from farm.config import Settings
-from farm.errors import ArtifactMissing, ConfigError, StorageError
+from farm.errors import ArtifactMissing, ConfigError, StorageError, StorageRefused, TransientError
 from farm.local import StackInfo
 from farm.storage import ArtifactStore, FilesystemStore, S3Store, make_store
 from farm.storage.cache import CachedStore
@@ -170,11 +169,10 @@ class TestArtifactStore:
             store.put(key, b"x")
         assert list(store.list(prefix)) == keys
 
-    def test_presigned_url_reads_the_object(self, store: ArtifactStore, prefix: str) -> None:
-        store.put(prefix + "out.png", b"png bytes")
-        url = store.presigned_url(prefix + "out.png", expires=60)
-        with urllib.request.urlopen(url, timeout=10) as response:
-            assert response.read() == b"png bytes"
+    def test_nothing_half_written_is_left_to_abort(self, store: ArtifactStore, prefix: str) -> None:
+        store.put(prefix + "whole", b"x")
+        assert store.abort_incomplete_uploads(prefix) == 0
+        assert store.get(prefix + "whole") == b"x"
 
     def test_large_object_round_trips(self, store: ArtifactStore, prefix: str) -> None:
         data = os.urandom(4 * PART_SIZE + 123)
@@ -195,7 +193,7 @@ class TestArtifactStore:
             lambda: store.get(key),
             lambda: store.exists(key),
             lambda: store.delete(key),
-            lambda: store.presigned_url(key),
+            lambda: store.get_range(key, 0, 1),
         ]
         for operation in operations:
             with pytest.raises(ValueError):
@@ -242,7 +240,7 @@ class TestS3Store:
             lambda: bad.put("k", b"x"),
             lambda: bad.exists("k"),
         ):
-            with pytest.raises(StorageError) as info:
+            with pytest.raises(StorageRefused) as info:
                 operation()
             err = info.value
             assert err.code == "STORAGE_AUTH"
@@ -252,7 +250,7 @@ class TestS3Store:
 
     def test_unknown_access_key_is_an_auth_error(self, stack: StackInfo) -> None:
         bad = S3Store(stack.s3_endpoint, stack.s3_bucket, "no-such-key", stack.s3_secret_key)
-        with pytest.raises(StorageError) as info:
+        with pytest.raises(StorageRefused) as info:
             bad.get("k")
         assert info.value.code == "STORAGE_AUTH"
 
@@ -271,7 +269,7 @@ class TestS3Store:
     def test_missing_bucket_is_named_and_ensure_bucket_creates_it(self, stack: StackInfo) -> None:
         bucket = f"test-{uuid.uuid4().hex[:12]}"
         store = S3Store(stack.s3_endpoint, bucket, stack.s3_access_key, stack.s3_secret_key)
-        with pytest.raises(StorageError) as info:
+        with pytest.raises(StorageRefused) as info:
             store.get("k")
         assert info.value.code == "STORAGE_NO_BUCKET"
         assert "FARM_S3_BUCKET" in info.value.message
@@ -352,10 +350,18 @@ class TestFilesystemStore:
 
     def test_a_key_below_an_object_is_a_permanent_error(self, fs_store: FilesystemStore) -> None:
         fs_store.put("a", b"x")
-        with pytest.raises(StorageError) as info:
+        with pytest.raises(StorageRefused) as info:
             fs_store.put("a/b", b"y")
         assert info.value.code == "STORAGE_REJECTED"
-        assert not info.value.retryable
+        assert not info.value.retryable and not isinstance(info.value, TransientError)
+
+    def test_a_killed_writers_temporary_file_is_aborted(self, fs_store: FilesystemStore) -> None:
+        fs_store.put("jobs/1/a", b"x")
+        leftover = fs_store.root / "jobs" / "1" / f"{TMP_PREFIX}half"
+        leftover.write_bytes(b"half")
+        assert fs_store.abort_incomplete_uploads("jobs/", older_than=3600) == 0
+        assert fs_store.abort_incomplete_uploads("jobs/") == 1
+        assert not leftover.exists() and fs_store.get("jobs/1/a") == b"x"
 
 
 class TestMakeStore:

@@ -12,12 +12,10 @@ from farm.stages.base import Artifact, NoHooks, Stage, StageFn, StageHooks, Tens
 STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("preprocess", needs_model=False, output="tensors", run=preprocess.run, input="bytes"),
+        Stage("preprocess", needs_model=False, output="tensors", run=preprocess.run),
         Stage("encode", needs_model=True, output="tensors", run=encode.run),
         Stage("noise", needs_model=True, output="tensors", run=noise.run),
-        Stage(
-            "noise_txt2img", needs_model=True, output="tensors", run=noise.run_txt2img, input="none"
-        ),
+        Stage("noise_txt2img", needs_model=True, output="tensors", run=noise.run_txt2img),
         Stage("denoise", needs_model=True, output="tensors", run=denoise.run),
         Stage("decode", needs_model=True, output="tensors", run=decode.run),
         Stage("postprocess", needs_model=False, output="png", run=postprocess.run),

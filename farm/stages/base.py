@@ -50,8 +50,6 @@ class Stage:
     needs_model: bool
     output: Literal["tensors", "png"]
     run: StageFn
-    # What ``run`` takes: the user's image bytes, the previous stage's tensors, or nothing.
-    input: Literal["bytes", "tensors", "none"] = "tensors"
 
 
 def tensors_of(artifact: Artifact | None, stage: str, *keys: str) -> Tensors:

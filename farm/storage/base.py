@@ -69,8 +69,10 @@ class ArtifactStore(Protocol):
         """Keys starting with ``prefix``, sorted."""
         ...
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str:
-        """A URL that reads the object without farm credentials, valid ``expires`` seconds."""
+    def abort_incomplete_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
+        """Abort uploads under ``prefix`` started more than ``older_than`` seconds ago and never
+        finished (a worker killed mid-upload); returns how many. Stores whose writes cannot be
+        left half-done return 0."""
         ...
 
 

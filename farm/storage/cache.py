@@ -71,11 +71,8 @@ class CachedStore:
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.store.list(prefix)
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str:
-        return self.store.presigned_url(key, expires)
-
-    def __getattr__(self, name: str):
-        return getattr(self.store, name)  # store-specific extras (abort_incomplete_uploads)
+    def abort_incomplete_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
+        return self.store.abort_incomplete_uploads(prefix, older_than)
 
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) > self.max_bytes // 4:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -101,9 +102,20 @@ class FilesystemStore:
             keys = [key for key in self._walk(base) if key.startswith(prefix)]
         return iter(sorted(keys))
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str:
-        # A shared disk has no signed, expiring links: file permissions govern access.
-        return self._path(key).as_uri()
+    def abort_incomplete_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
+        # A write goes to a temporary file renamed into place, so no key is ever half-written;
+        # what a killed writer leaves is its temporary file, removed here.
+        cutoff = time.time() - older_than
+        base = self._dir_of(validate_prefix(prefix))
+        removed = 0
+        with _boundary(prefix):
+            for dirpath, _dirs, files in os.walk(base):
+                for name in files:
+                    path = Path(dirpath) / name
+                    if name.startswith(TMP_PREFIX) and path.stat().st_mtime <= cutoff:
+                        path.unlink(missing_ok=True)
+                        removed += 1
+        return removed
 
     # -- internals -----------------------------------------------------------------------------
 

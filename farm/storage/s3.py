@@ -192,13 +192,6 @@ class S3Store:
         # keys are sorted here: the contract promises one order on every backend.
         return iter(sorted(self._list_unordered(validate_prefix(prefix))))
 
-    def presigned_url(self, key: str, expires: int = 3600) -> str:
-        validate_key(key)
-        with self._boundary(key):
-            return self._client().generate_presigned_url(
-                "get_object", Params={"Bucket": self.bucket, "Key": key}, ExpiresIn=expires
-            )
-
     # -- S3 housekeeping -----------------------------------------------------------------------
 
     def ensure_bucket(self) -> None:

@@ -26,9 +26,13 @@ from typing import Protocol
 import redis
 from kombu.exceptions import KombuError, OperationalError
 
+from farm.db.job_records import get_job, queued_and_ready
+from farm.db.models import JobStatus
+from farm.db.session import session_scope
 from farm.errors import BrokerUnavailable, TransientError
 from farm.pipelines import get_pipeline
 from farm.tasks.app import TASK_FOR_QUEUE, app, celery_priority
+from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +139,18 @@ def send_many(pipeline: str, jobs: list[tuple[str, list[str]]], priority: int) -
         log.warning("batched send of %d jobs failed (%s); sending one by one", len(jobs), exc)
         for job_id, stages in jobs:
             BrokerSender().send(job_id, pipeline, stages, priority)
+
+
+def resend_ready(ctx: Context, job_id: str, sender: Sender) -> list[str]:
+    """Send again the stages of an active job recorded as queued whose inputs are done;
+    returns them."""
+    with session_scope(ctx.db_url) as s:
+        job = get_job(s, job_id)
+        if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
+            return []
+        ready, pipeline, priority = queued_and_ready(job), job.pipeline, job.priority
+    sender.send(job_id, pipeline, ready, priority)
+    return ready
 
 
 def send_or_leave(

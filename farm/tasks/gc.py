@@ -74,10 +74,8 @@ def sweep(ctx: Context, grace_s: float = DEFAULT_GRACE_S) -> int:
         ctx.store.delete(key)  # deleting an absent key is not an error
         deleted += 1
         log.info("removed orphaned input pack %s", key)
-    abort = getattr(ctx.store, "abort_incomplete_uploads", None)
-    if abort is not None:
-        for prefix in (keys.JOBS_PREFIX, keys.BATCHES_PREFIX):
-            abort(prefix, older_than=grace_s)
+    for prefix in (keys.JOBS_PREFIX, keys.BATCHES_PREFIX):
+        ctx.store.abort_incomplete_uploads(prefix, older_than=grace_s)
     return deleted
 
 

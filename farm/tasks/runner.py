@@ -14,9 +14,7 @@ import uuid
 
 from farm import stages as stage_ops
 from farm.db import stage_records
-from farm.db.job_records import get_job, queued_and_ready
-from farm.db.models import JobStatus
-from farm.db.session import session_scope, transaction
+from farm.db.session import transaction
 from farm.db.stage_records import BeginAction, Checkpoint, JobRow, Outcome
 from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed
 from farm.params import RenderParams
@@ -116,7 +114,9 @@ class StageRun:
 
     def _execute_with_lease(self) -> str:
         if self._begin() != BeginAction.RUN:
-            self._resend_lost()
+            # A redelivered, finished stage: its first delivery may have died between commit
+            # and send, so its successors' messages go out again (a duplicate is a no-op).
+            dispatch.resend_ready(self.ctx, self.job_id, self.sender)
             return "skip"
         try:
             return self._run_and_commit()
@@ -173,16 +173,6 @@ class StageRun:
             started = {"status": "running", "stage": self.stage, "step": 0}
             self._cancelled = bool(self._live("report_step", self.job_id, **started))
         return begin.action
-
-    def _resend_lost(self) -> None:
-        """A redelivered, finished stage: make sure its successors' messages went out (the
-        first delivery may have died between commit and send). Duplicates are no-ops."""
-        with session_scope(self.ctx.db_url) as s:
-            job = get_job(s, self.job_id)
-            if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
-                return
-            lost, pipeline, priority = queued_and_ready(job), job.pipeline, job.priority
-        self.sender.send(self.job_id, pipeline, lost, priority)
 
     # 2. load inputs, run the plain stage function
     def _run_op(self, spec: StageSpec, op, params: RenderParams):
