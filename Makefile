@@ -23,10 +23,18 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
+# The default strength (0.75) into demo-output/, 0.3 and 1.0 beside it, then one contact sheet.
+DEMO_PROMPT := "a watercolor painting"
 demo: install
-	$(VENV)/bin/farm render examples/inputs -o demo-output --size 128 --steps 20 \
-		--prompt "a watercolor painting"
-	@echo "outputs: $(CURDIR)/demo-output"
+	$(VENV)/bin/farm render examples/inputs -o demo-output --prompt $(DEMO_PROMPT)
+	$(VENV)/bin/farm render examples/inputs -o demo-output/strength-0.3 --strength 0.3 \
+		--prompt $(DEMO_PROMPT)
+	$(VENV)/bin/farm render examples/inputs -o demo-output/strength-1.0 --strength 1.0 \
+		--prompt $(DEMO_PROMPT)
+	$(PY) examples/contact_sheet.py demo-output/contact-sheet.png examples/inputs \
+		"strength 0.3=demo-output/strength-0.3" "strength 0.75=demo-output" \
+		"strength 1.0=demo-output/strength-1.0"
+	@echo "outputs: $(CURDIR)/demo-output (contact sheet: demo-output/contact-sheet.png)"
 
 lint: install
 	$(VENV)/bin/ruff check .

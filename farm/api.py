@@ -22,6 +22,7 @@ from farm.errors import DuplicateJob, FarmError, InvalidParameter, is_input_erro
 from farm.folder import submit_folder
 from farm.inputs import check_bytes, display_name, read_image_bytes
 from farm.job import Job, JobInfo
+from farm.native_size import native_size
 from farm.params import RenderParams
 from farm.pipelines import get_pipeline
 from farm.storage import keys
@@ -55,12 +56,13 @@ class Farm:
         """Validate, upload the input, record the job and enqueue its first stage.
 
         ``params`` are RenderParams fields: prompt, negative_prompt, strength, steps,
-        guidance, seed, size (or width/height), sharpen, saturation, contrast, brightness,
-        scheduler. Bad values raise InvalidParameter before anything is stored. A second
-        submit with the same ``idempotency_key`` (even at the same moment from another
-        process) returns the first one's job."""
+        guidance, seed, size (or width/height, and fit), sharpen, saturation, contrast,
+        brightness, scheduler; with no size, the model's native one. Bad values raise
+        InvalidParameter before anything is stored. A second submit with the same
+        ``idempotency_key`` (even at the same moment from another process) returns the first
+        one's job."""
         spec = get_pipeline(pipeline)
-        render = RenderParams.from_dict(params)
+        render = RenderParams.from_dict(self._default_size(params))
         if spec.needs_input:
             render.img2img_steps()
         _check_priority(priority)
@@ -156,7 +158,13 @@ class Farm:
         """Submit every image file of a folder as one batch (see farm.folder). Inputs already
         rendered with the same parameters and model are skipped, not rendered again."""
         _check_priority(priority)
-        return submit_folder(self, path, recursive, pipeline, priority, params)
+        return submit_folder(self, path, recursive, pipeline, priority, self._default_size(params))
+
+    def _default_size(self, params: dict) -> dict:
+        """No size given: the model's native one, stored in the params (and idempotency key)."""
+        if any(params.get(side) is not None for side in ("size", "width", "height")):
+            return params
+        return {**params, "size": native_size(self.settings.model)}
 
     def batch(self, batch_id: str) -> Batch:
         return Batch(self.ctx, batch_id)

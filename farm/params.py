@@ -3,6 +3,14 @@
 ``RenderParams`` is immutable and always valid: every way of building one runs the same checks,
 so a stage never sees a NaN guidance or a 3-pixel-wide canvas. ``to_dict()`` is JSON-safe (it is
 stored in Postgres) and ``params_digest()`` hashes its canonical JSON for idempotency keys.
+
+Size is stored as the user meant it, and ``output_size`` turns it into pixels:
+
+- ``size`` N: the long side; img2img keeps the input's aspect ratio (the short side rounded to
+  the nearest multiple of 8), txt2img renders N x N. With no size at all, 512 (``Farm.submit``
+  fills in the model's native size before this class sees the parameters).
+- ``width`` and ``height`` (or ``size="WxH"``): exactly that, the input fitted by ``fit``;
+  one of them alone fixes that side and the other follows the input's aspect ratio.
 """
 
 from __future__ import annotations
@@ -23,12 +31,17 @@ from farm.errors import InvalidParameter
 SCHEDULER_NAMES = ("pndm", "ddim", "euler", "euler_a", "dpm")
 MAX_PROMPT_CHARS = 2000
 SIZE_MIN, SIZE_MAX = 8, 2048
+DEFAULT_SIZE = 512
 # Stable Diffusion VAEs downsample by 8 (the tiny demo model by 2): a side that is not a multiple
-# of 8 would make the latent grid and the decoded image disagree on size, so sides snap down.
+# of 8 would make the latent grid and the decoded image disagree on size, so sides given snap
+# down, sides derived from an aspect ratio snap to the nearest multiple.
 SIZE_MULTIPLE = 8
+# How an input is fitted to an output of another aspect: crop centred, pad, or distort.
+FIT_NAMES = ("cover", "contain", "stretch")
 SEED_MAX = 2**32 - 1
 _ALLOWED_CONTROL = frozenset("\t\n\r")  # \r: text from browser forms ends lines with \r\n
 # ASCII digits only, at most 9 of them: int() of a 5000-digit string raises ValueError.
+_SIZE_HINT = 'a number or "WIDTHxHEIGHT" like "768x512"'
 _SIZE_TEXT = re.compile(r"^\s*([0-9]{1,9})\s*(?:x\s*([0-9]{1,9})\s*)?$", re.IGNORECASE)
 
 # name -> (low, high, whether low itself is excluded)
@@ -43,6 +56,9 @@ _FLOATS: dict[str, tuple[float, float, bool]] = {
 _INTS: dict[str, tuple[int, int]] = {
     "steps": (1, 500),
     "seed": (0, SEED_MAX),
+}
+_SIDES: dict[str, tuple[int, int]] = {
+    "size": (SIZE_MIN, SIZE_MAX),
     "width": (SIZE_MIN, SIZE_MAX),
     "height": (SIZE_MIN, SIZE_MAX),
 }
@@ -58,8 +74,10 @@ class RenderParams:
     steps: int = 30
     guidance: float = 7.5
     seed: int = 0
-    width: int = 512
-    height: int = 512
+    size: int | None = None  # the long side; None (with no width/height) means DEFAULT_SIZE
+    width: int | None = None
+    height: int | None = None
+    fit: str = "cover"
     sharpen: float = 0.0
     saturation: float = 1.0
     contrast: float = 1.0
@@ -74,9 +92,22 @@ class RenderParams:
             object.__setattr__(self, name, value)
         for name, (low, high) in _INTS.items():
             _check_int(name, getattr(self, name), low, high)
-        for name in ("width", "height"):
-            object.__setattr__(self, name, getattr(self, name) // SIZE_MULTIPLE * SIZE_MULTIPLE)
-        object.__setattr__(self, "scheduler", _check_scheduler(self.scheduler))
+        self._check_sides()
+        object.__setattr__(self, "fit", _check_choice("fit", self.fit, FIT_NAMES))
+        object.__setattr__(self, "scheduler", _check_choice("scheduler", self.scheduler))
+
+    def _check_sides(self) -> None:
+        """Snap the given sides down to SIZE_MULTIPLE; no size at all is DEFAULT_SIZE, so
+        ``RenderParams()`` and ``RenderParams(size=512)`` are equal and share a digest."""
+        given = {name: getattr(self, name) for name in _SIDES if getattr(self, name) is not None}
+        if "size" in given and len(given) > 1:
+            raise InvalidParameter("give either size or width/height, not both")
+        for name, value in given.items():
+            low, high = _SIDES[name]
+            _check_int(name, value, low, high)
+            object.__setattr__(self, name, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
+        if not given:
+            object.__setattr__(self, "size", DEFAULT_SIZE)
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RenderParams:
@@ -84,7 +115,7 @@ class RenderParams:
         if not isinstance(data, Mapping):
             raise InvalidParameter(f"parameters must be a JSON object, got {type(data).__name__}")
         fields = dict(data)
-        if "size" in fields:
+        if isinstance(fields.get("size"), str):
             fields.update(_expand_size(fields))
         _check_keys(fields)
         return cls(**fields)
@@ -120,23 +151,42 @@ def _check_keys(fields: Mapping[Any, Any]) -> None:
             raise InvalidParameter(f"parameter names must be text, got {_show(key)}")
     unknown = sorted(set(fields) - set(_field_names()))
     if unknown:
-        allowed = ", ".join([*_field_names(), "size"])
+        allowed = ", ".join(_field_names())
         names = ", ".join(_show(name) for name in unknown)
         raise InvalidParameter(f"unknown parameter(s) {names}; allowed: {allowed}")
 
 
+def output_size(params: RenderParams, input_size: tuple[int, int] | None = None) -> tuple[int, int]:
+    """(width, height) in pixels of the render of an input of ``input_size`` (upright, that is
+    after EXIF orientation); ``None`` for txt2img, which has no input and so a square aspect."""
+    if params.width is not None and params.height is not None:
+        return params.width, params.height
+    aspect = input_size[0] / input_size[1] if input_size else 1.0
+    if params.width is not None:
+        return params.width, _snap(params.width / aspect)
+    if params.height is not None:
+        return _snap(params.height * aspect), params.height
+    long = params.size or DEFAULT_SIZE
+    return (long, _snap(long / aspect)) if aspect >= 1 else (_snap(long * aspect), long)
+
+
+def _snap(side: float) -> int:
+    """The nearest multiple of SIZE_MULTIPLE, within [SIZE_MIN, SIZE_MAX]."""
+    snapped = math.floor(side / SIZE_MULTIPLE + 0.5) * SIZE_MULTIPLE
+    return min(max(snapped, SIZE_MIN), SIZE_MAX)
+
+
 def _expand_size(fields: dict[str, Any]) -> dict[str, Any]:
+    """``size`` given as text: "512" is the long side, "768x512" exact width and height."""
     size = fields.pop("size")
     if "width" in fields or "height" in fields:
         raise InvalidParameter("give either size or width/height, not both")
-    if isinstance(size, int) and not isinstance(size, bool):
-        return {"width": size, "height": size}
-    match = _SIZE_TEXT.match(size) if isinstance(size, str) else None
+    match = _SIZE_TEXT.match(size)
     if match is None:
-        hint = 'a number or "WIDTHxHEIGHT" like "768x512"'
-        raise InvalidParameter(f"size must be {hint}, got {_show(size)}")
-    width = int(match.group(1))
-    return {"width": width, "height": int(match.group(2) or width)}
+        raise InvalidParameter(f"size must be {_SIZE_HINT}, got {_show(size)}")
+    if match.group(2) is None:
+        return {"size": int(match.group(1))}
+    return {"width": int(match.group(1)), "height": int(match.group(2))}
 
 
 def _check_text(name: str, value: object) -> None:
@@ -173,6 +223,8 @@ def _check_float(name: str, value: object, low: float, high: float, low_open: bo
 
 
 def _check_int(name: str, value: object, low: int, high: int) -> None:
+    if name == "size" and (isinstance(value, bool) or not isinstance(value, int | float)):
+        raise InvalidParameter(f"size must be {_SIZE_HINT}, got {_show(value)}")
     number = _check_number(name, value)
     if not isinstance(number, int):
         raise InvalidParameter(f"{name} must be a whole number, got {_show(number)}")
@@ -180,11 +232,11 @@ def _check_int(name: str, value: object, low: int, high: int) -> None:
         raise InvalidParameter(f"{name} must be between {low} and {high}, got {_show(number)}")
 
 
-def _check_scheduler(value: object) -> str:
+def _check_choice(field: str, value: object, names: tuple[str, ...] = SCHEDULER_NAMES) -> str:
     name = value.strip().lower() if isinstance(value, str) else ""
-    if name not in SCHEDULER_NAMES:
-        choices = ", ".join(SCHEDULER_NAMES)
-        raise InvalidParameter(f"scheduler must be one of {choices}; got {_show(value)}")
+    if name not in names:
+        choices = ", ".join(names)
+        raise InvalidParameter(f"{field} must be one of {choices}; got {_show(value)}")
     return name
 
 

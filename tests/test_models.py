@@ -22,6 +22,8 @@ from farm.models import (
     make_scheduler,
 )
 from farm.models.loader import MIN_VOCAB_SIZE, _publish
+from farm.models.tiny_weights import pictures
+from farm.native_size import FALLBACK_SIZE, TINY_NATIVE_SIZE, native_size
 from farm.params import SCHEDULER_NAMES
 
 # -- fixtures ------------------------------------------------------------------------------------
@@ -105,7 +107,7 @@ def test_racing_builders_leave_one_complete_model(tmp_path: Path) -> None:
     for thread in threads:
         thread.join()
     assert results == [tmp_path / TINY_MODEL_SUBDIR] * 3
-    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-sd"]
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [TINY_MODEL_SUBDIR.name]
     loaded = load_model(None, tmp_path, device="cpu").unet.state_dict()
     for name, tensor in build_tiny_pipeline().unet.state_dict().items():
         assert torch.equal(tensor, loaded[name]), name
@@ -172,3 +174,44 @@ def test_make_scheduler_is_fresh_and_pipeline_ready(tiny: ModelBundle, name: str
     assert scheduler is not make_scheduler(tiny, name)
     assert scheduler.config.get("steps_offset", 1) == 1
     assert scheduler.config.get("clip_sample", False) is False
+
+
+# -- native size and the tiny model's weights -----------------------------------------------------
+
+
+def test_native_size_is_read_from_the_folder(model_copy: Path, tmp_path: Path) -> None:
+    assert native_size(model_copy) == TINY_NATIVE_SIZE == 128  # 64 latent x 2
+    assert native_size(None) == TINY_NATIVE_SIZE
+    assert native_size(tmp_path / "nowhere") == FALLBACK_SIZE
+    config = model_copy / "unet" / "config.json"
+    config.write_text(config.read_text().replace('"sample_size": 64', '"sample_size": 96'))
+    assert native_size(model_copy) == 192
+
+
+def test_native_size_needs_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import farm.api, sys; print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_tiny_vae_round_trips_pictures(tiny: ModelBundle) -> None:
+    images = pictures(4, 128, torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        posterior = tiny.vae.encode(images).latent_dist
+        decoded = tiny.vae.decode(posterior.sample(torch.Generator().manual_seed(1))).sample
+    assert posterior.std.max() < 1e-6  # a point posterior: sampling returns the mean
+    assert (decoded - images).abs().mean() * 127.5 < 6  # of 255: half resolution blurs edges
+    latents = posterior.mean * tiny.vae.config.scaling_factor
+    assert 0.7 < latents.std() < 1.4  # scaled to about unit variance, as SD's latents are
+
+
+def test_tiny_prompt_changes_nothing(tiny: ModelBundle) -> None:
+    latents = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    outputs = [
+        tiny.unet(latents, 500, encoder_hidden_states=torch.randn(1, 77, 32) * scale).sample
+        for scale in (0.0, 1.0)
+    ]
+    assert torch.equal(*outputs)

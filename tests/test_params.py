@@ -9,13 +9,15 @@ from typing import Any
 import pytest
 
 from farm.errors import InvalidParameter
-from farm.params import SCHEDULER_NAMES, RenderParams
+from farm.params import FIT_NAMES, SCHEDULER_NAMES, RenderParams, output_size
 
 
 def test_defaults() -> None:
     params = RenderParams.from_dict({})
-    assert params == RenderParams()
-    assert (params.width, params.height, params.steps, params.scheduler) == (512, 512, 30, "pndm")
+    assert params == RenderParams() == RenderParams(size=512)
+    assert params.params_digest() == RenderParams(size=512).params_digest()
+    assert (params.size, params.width, params.height, params.fit) == (512, None, None, "cover")
+    assert (params.steps, params.scheduler) == (30, "pndm")
     assert (params.strength, params.guidance, params.seed) == (0.75, 7.5, 0)
 
 
@@ -35,12 +37,55 @@ def test_valid_values_are_normalized() -> None:
 
 
 @pytest.mark.parametrize(
-    ("size", "expected"),
-    [(64, (64, 64)), ("768x512", (768, 512)), (" 100 X 36 ", (96, 32)), ("256", (256, 256))],
+    ("size", "stored"),
+    [
+        (64, (64, None, None)),
+        (100, (96, None, None)),  # snapped down, like width and height
+        ("256", (256, None, None)),
+        ("768x512", (None, 768, 512)),
+        (" 100 X 36 ", (None, 96, 32)),
+    ],
 )
-def test_size_shorthand(size: object, expected: tuple[int, int]) -> None:
+def test_size_shorthand(size: object, stored: tuple[int | None, ...]) -> None:
     params = RenderParams.from_dict({"size": size})
-    assert (params.width, params.height) == expected
+    assert (params.size, params.width, params.height) == stored
+
+
+# -- output size ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("given", "input_size", "expected"),
+    [
+        ({"size": 512}, (4000, 1000), (512, 128)),  # a 4:1 panorama stays 4:1
+        ({"size": 512}, (1000, 4000), (128, 512)),  # a portrait stays a portrait
+        ({"size": 512}, (300, 200), (512, 344)),  # 341.3 -> the nearest multiple of 8
+        ({"size": 512}, (1000, 333), (512, 168)),  # 170.5 -> 168, not 176
+        ({"size": 128}, (2000, 100), (128, 8)),  # 6.4 -> at least 8
+        ({"size": 512}, (640, 640), (512, 512)),
+        ({"size": 512}, None, (512, 512)),  # txt2img: N x N
+        ({"size": "768x512"}, (100, 400), (768, 512)),  # exact, whatever the input
+        ({"size": "768x512"}, None, (768, 512)),
+        ({"width": 256}, (400, 300), (256, 192)),  # one side: the other follows the aspect
+        ({"height": 256}, (400, 300), (344, 256)),
+        ({"width": 2048}, (100, 1000), (2048, 2048)),  # never past SIZE_MAX
+        ({"width": 256}, None, (256, 256)),
+        ({}, (400, 300), (512, 384)),
+    ],
+)
+def test_output_size(
+    given: dict[str, Any], input_size: tuple[int, int] | None, expected: tuple[int, int]
+) -> None:
+    width, height = output_size(RenderParams.from_dict(given), input_size)
+    assert (width, height) == expected
+    assert width % 8 == 0 and height % 8 == 0
+
+
+@pytest.mark.parametrize("fit", FIT_NAMES)
+def test_every_fit_is_accepted(fit: str) -> None:
+    params = RenderParams.from_dict({"size": "64x32", "fit": fit.upper()})
+    assert params.fit == fit
+    assert RenderParams.from_dict(params.to_dict()) == params
 
 
 def test_round_trip_through_json() -> None:
@@ -48,6 +93,21 @@ def test_round_trip_through_json() -> None:
     again = RenderParams.from_dict(json.loads(json.dumps(params.to_dict())))
     assert again == params
     assert params.scheduler == "euler_a"
+    for given in ({"size": 200}, {"size": "64x32", "fit": "contain"}, {"height": 64}):
+        params = RenderParams.from_dict(given)
+        assert RenderParams.from_dict(json.loads(json.dumps(params.to_dict()))) == params
+
+
+def test_digest_tells_sizes_apart() -> None:
+    digests = {
+        RenderParams.from_dict(given).params_digest()
+        for given in ({"size": 256}, {"size": "256x256"}, {"width": 256}, {"height": 256})
+    }
+    assert len(digests) == 4  # a long side, an exact square and one fixed side differ
+    assert (
+        RenderParams.from_dict({"size": "64x32", "fit": "contain"}).params_digest()
+        != RenderParams.from_dict({"size": "64x32"}).params_digest()
+    )
 
 
 def test_digest_is_stable_and_distinguishes() -> None:
@@ -88,7 +148,15 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"size": "big"}, "size must be"),
     ({"size": True}, "size must be"),
     ({"size": 64, "width": 64}, "either size or width/height"),
+    ({"size": "64", "height": 64}, "either size or width/height"),
     ({"size": "9000x64"}, "width"),
+    ({"size": 4096}, "size must be between 8 and 2048"),
+    ({"size": 4}, "size must be between 8 and 2048"),
+    ({"size": 64.5}, "size must be a whole number"),
+    ({"width": 64.0}, "width must be a whole number"),
+    ({"height": "64"}, "height must be a number, got str"),
+    ({"fit": "crop"}, "fit must be one of cover, contain, stretch; got 'crop'"),
+    ({"fit": None}, "fit must be one of cover, contain, stretch"),
     ({"scheduler": "lms"}, "scheduler must be one of pndm, ddim, euler, euler_a, dpm"),
     ({"scheduler": 3}, "scheduler"),
     ({"prompt": 5}, "prompt must be text"),
@@ -122,6 +190,10 @@ def test_non_string_key() -> None:
 def test_direct_construction_is_validated_too() -> None:
     with pytest.raises(InvalidParameter, match="steps"):
         RenderParams(steps=-3)
+    with pytest.raises(InvalidParameter, match="either size or width/height"):
+        RenderParams(size=64, height=64)
+    with pytest.raises(InvalidParameter, match="fit must be one of"):
+        RenderParams(fit="fill")
 
 
 def test_is_frozen() -> None:

@@ -18,9 +18,9 @@ from safetensors.torch import load, save
 
 from farm.errors import ArtifactMissing, InvalidParameter, JobCancelled, ModelError
 from farm.models import ModelBundle, load_model, make_scheduler
-from farm.params import SCHEDULER_NAMES, RenderParams
+from farm.params import SCHEDULER_NAMES, RenderParams, output_size
 from farm.stages import STAGES, Artifact, NoHooks
-from farm.stages.preprocess import prepare_image
+from farm.stages.preprocess import PAD_COLOUR, prepare_image
 
 IMG2IMG = ("preprocess", "encode", "noise", "denoise", "decode", "postprocess")
 TXT2IMG = ("noise_txt2img", "denoise", "decode", "postprocess")
@@ -169,10 +169,11 @@ def test_txt2img_equals_the_pipeline_given_channels_last_noise(
     generator = torch.Generator("cpu").manual_seed(job.seed)
     # The stages compute in channels-last (see farm.stages.base.to_model); so must the pipeline.
     noise = randn_tensor((1, 4, 32, 32), generator=generator)
+    width, height = output_size(job)
     picture = pipe(
         job.prompt,
-        height=job.height,
-        width=job.width,
+        height=height,
+        width=width,
         num_inference_steps=job.steps,
         guidance_scale=job.guidance,
         generator=generator,
@@ -193,7 +194,7 @@ def test_artifacts_are_cpu_contiguous_and_serializable(bundle: ModelBundle, phot
             assert not tensor.is_floating_point() or tensor.dtype == torch.float32, (name, key)
         save(artifact)
     assert artifact["image"].dtype == torch.uint8
-    assert artifact["image"].shape == (1, 3, 64, 64)
+    assert artifact["image"].shape == (1, 3, 40, 64)  # the photo's 3:2, sides multiples of 8
 
 
 def test_same_job_same_png(bundle: ModelBundle, photo: bytes) -> None:
@@ -307,3 +308,66 @@ def test_cover_crop_keeps_the_centre() -> None:
     wide.paste((255, 255, 255), (100, 0, 200, 100))  # white middle third
     pixels = prepared(png_bytes(wide), size="64x64")
     assert pixels.shape == (64, 64, 3) and pixels.min() > 240
+
+
+def test_panorama_keeps_its_aspect() -> None:
+    panorama = Image.new("RGB", (800, 200), (0, 0, 0))
+    panorama.paste((255, 255, 255), (0, 0, 100, 200))  # a white left eighth: not cropped away
+    pixels = prepared(png_bytes(panorama), size=128)
+    assert pixels.shape == (32, 128, 3)
+    assert pixels[:, :12].min() > 240 and pixels[:, 20:].max() < 15
+
+
+def test_exif_rotated_portrait_stays_a_portrait() -> None:
+    # Stored 96 wide and 64 high, with EXIF orientation 6: a viewer turns it 90 degrees.
+    stored = Image.new("RGB", (96, 64), (200, 30, 30))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    stored.save(buffer, format="JPEG", exif=exif.tobytes())
+    assert prepared(buffer.getvalue(), size=96).shape == (96, 64, 3)  # 64 wide, 96 high
+
+
+def test_contain_pads_with_mid_grey() -> None:
+    wide = Image.new("RGB", (200, 100), (255, 0, 0))
+    pixels = prepared(png_bytes(wide), size="64x64", fit="contain")
+    assert pixels.shape == (64, 64, 3)
+    assert tuple(pixels[0, 32]) == tuple(pixels[63, 32]) == PAD_COLOUR  # bars above and below
+    assert tuple(pixels[32, 0]) == tuple(pixels[32, 63]) == (255, 0, 0)  # the picture, all of it
+    assert (pixels[:, :, 0] == 255).all(axis=1).sum() == 32
+
+
+def test_stretch_keeps_everything_and_distorts() -> None:
+    wide = Image.new("RGB", (200, 100), (0, 0, 0))
+    wide.paste((255, 255, 255), (0, 0, 50, 100))  # a white left quarter
+    pixels = prepared(png_bytes(wide), size="64x64", fit="stretch")
+    assert pixels.shape == (64, 64, 3)
+    assert pixels[:, :14].min() > 240 and pixels[:, 18:].max() < 15  # a quarter, still
+
+
+def test_txt2img_size_is_square_or_exact(bundle: ModelBundle) -> None:
+    for size, shape in ((48, (1, 4, 24, 24)), ("64x32", (1, 4, 16, 32))):
+        noise = STAGES["noise_txt2img"].run(None, params(size=size), bundle, NoHooks())
+        assert isinstance(noise, dict) and tuple(noise["latents"].shape) == shape
+
+
+# -- the tiny model's renders depend on their input and strength ---------------------------------
+
+
+def render(bundle: ModelBundle, data: bytes, strength: float) -> np.ndarray:
+    job = params(size=128, steps=20, strength=strength, guidance=7.5)
+    return pixels_of(run_stages(IMG2IMG, data, job, bundle)["postprocess"])
+
+
+def test_tiny_renders_follow_input_and_strength(bundle: ModelBundle) -> None:
+    from tests.helpers import sample_png
+
+    inputs = [sample_png(128), sample_png(128, hue=150)]
+    originals = [np.asarray(Image.open(io.BytesIO(d)).convert("RGB"), np.int16) for d in inputs]
+    distance = {
+        s: np.abs(render(bundle, inputs[0], s) - originals[0]).mean() for s in (0.1, 0.5, 1.0)
+    }
+    assert distance[0.1] < 15  # low strength: close to the input (of 255; the VAE blurs edges)
+    assert distance[0.1] < distance[0.5] < distance[1.0]
+    other = render(bundle, inputs[1], 0.5)
+    assert np.abs(render(bundle, inputs[0], 0.5) - other).mean() > 20  # inputs stay apart

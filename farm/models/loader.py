@@ -25,7 +25,8 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from farm.errors import ModelError
 from farm.models.tiny import build_tiny_pipeline
 
-TINY_MODEL_SUBDIR = Path("models") / "tiny-sd"
+# "-2": weights made by farm.models.tiny_weights; a data dir holding the random ones rebuilds.
+TINY_MODEL_SUBDIR = Path("models") / "tiny-sd-2"
 COMPONENTS = ("vae", "unet", "text_encoder", "tokenizer", "scheduler")
 # A tokenizer loaded offline from a hub name silently degrades to a 2-token vocabulary.
 MIN_VOCAB_SIZE = 100

@@ -1,9 +1,12 @@
-"""A tiny Stable-Diffusion-architecture pipeline with fixed-seed random weights.
+"""A tiny Stable-Diffusion-architecture pipeline whose renders follow their input.
 
-The components follow diffusers' own ``StableDiffusionImg2ImgPipelineFastTests`` dummy
-components, so the farm exercises the real SD code paths without downloading anything. Its
-pictures are abstract. Its VAE has two blocks, so it downsamples by 2, not 8: a 128 px image has
-the same 64x64 latent as SD-1.5 at 512 px.
+The components are SD's (AutoencoderKL, UNet2DConditionModel, CLIP text encoder, PNDM), small
+enough for a CPU, so the farm exercises the real SD code paths without downloading anything.
+Their weights come from farm.models.tiny_weights: the VAE set by hand (2x2 colour means in,
+bilinear 2x out), the UNet trained briefly and deterministically on noise prediction, the
+prompt silenced. The VAE has two blocks, so it downsamples by 2, not 8: the native 128 px has
+the same 64x64 latent as SD-1.5 at 512 px. The UNet has three levels with attention only at
+the lowest, so a 128 px step costs about a tenth of a second on a CPU core.
 
 The tokenizer is built from an in-memory byte-level vocabulary: loading diffusers' test tokenizer
 by hub name offline does not fail, it silently returns a 2-token vocabulary.
@@ -11,7 +14,10 @@ by hub name offline does not fail, it silently returns a 2-token vocabulary.
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from diffusers import (
@@ -23,7 +29,11 @@ from diffusers import (
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+from farm.models.tiny_weights import make_tiny_weights
+from farm.native_size import TINY_NATIVE_SIZE
+
 SEED = 0
+VAE_SCALE_FACTOR = 2  # two VAE blocks: one downsampling
 TEXT_VOCAB_SIZE = 1000  # embedding rows; the tokenizer uses the first ~550 ids
 # Whole-word tokens, so a demo prompt reads as words rather than letters when tokenized.
 WORDS = ("a", "painting", "photo", "of", "the", "cat", "dog", "city", "forest", "sunset")
@@ -32,16 +42,15 @@ _BUILD_LOCK = threading.Lock()
 
 
 def build_tiny_pipeline() -> StableDiffusionImg2ImgPipeline:
-    """The tiny img2img pipeline; the same weights on every call, every module in eval mode."""
+    """The tiny img2img pipeline, trained; the same weights on every call, in eval mode."""
     # Layers draw their initial weights from torch's global RNG: fork it so the caller's stream
     # is untouched, and hold a lock so two threads building at once cannot interleave draws.
     with _BUILD_LOCK, torch.random.fork_rng(devices=[]):
-        torch.manual_seed(SEED)
-        unet = _unet()
-        torch.manual_seed(SEED)
-        vae = _vae()
-        torch.manual_seed(SEED)
-        text_encoder = _text_encoder()
+        unet_weights, vae_weights, scaling_factor = _trained_weights()
+        unet, vae, text_encoder = _initial_modules()
+    unet.load_state_dict(unet_weights)
+    vae.load_state_dict(vae_weights)
+    vae.register_to_config(scaling_factor=scaling_factor)
     # Freshly built modules are in train mode; only eval mode round-trips bit-exactly.
     for module in (unet, vae, text_encoder):
         module.eval()
@@ -50,8 +59,7 @@ def build_tiny_pipeline() -> StableDiffusionImg2ImgPipeline:
         text_encoder=text_encoder,
         tokenizer=build_tiny_tokenizer(),
         unet=unet,
-        # steps_offset=1 is what the pipeline would rewrite a 0 to (with a FutureWarning).
-        scheduler=PNDMScheduler(skip_prk_steps=True, steps_offset=1),
+        scheduler=_scheduler(),
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
@@ -59,15 +67,51 @@ def build_tiny_pipeline() -> StableDiffusionImg2ImgPipeline:
     )
 
 
+def _initial_modules() -> tuple[UNet2DConditionModel, AutoencoderKL, CLIPTextModel]:
+    torch.manual_seed(SEED)
+    unet = _unet()
+    torch.manual_seed(SEED)
+    vae = _vae()
+    torch.manual_seed(SEED)
+    return unet, vae, _text_encoder()
+
+
+@functools.cache  # training takes about a minute: a process does it once, however many builds
+def _trained_weights() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], float]:
+    unet, vae, _ = _initial_modules()
+    with _one_thread():
+        make_tiny_weights(vae, unet, _scheduler())
+    return unet.state_dict(), vae.state_dict(), float(vae.config.scaling_factor)
+
+
+@contextmanager
+def _one_thread() -> Iterator[None]:
+    """Train on one thread: CPU reductions may sum in another order on another thread count,
+    and on a busy two-core machine one thread is also the faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _scheduler() -> PNDMScheduler:
+    # steps_offset=1 is what the pipeline would rewrite a 0 to (with a FutureWarning).
+    return PNDMScheduler(skip_prk_steps=True, steps_offset=1)
+
+
 def _unet() -> UNet2DConditionModel:
+    # Attention only at the lowest of three levels: at 128 px a 32x32-token self-attention
+    # would cost four times the rest of the UNet on a CPU.
     return UNet2DConditionModel(
-        block_out_channels=(32, 64),
+        block_out_channels=(32, 64, 64),
         layers_per_block=2,
-        sample_size=32,
+        sample_size=TINY_NATIVE_SIZE // VAE_SCALE_FACTOR,
         in_channels=4,
         out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
     )
 
@@ -80,6 +124,7 @@ def _vae() -> AutoencoderKL:
         down_block_types=["DownEncoderBlock2D", "DownEncoderBlock2D"],
         up_block_types=["UpDecoderBlock2D", "UpDecoderBlock2D"],
         latent_channels=4,
+        norm_num_groups=8,  # groups of 4 or 8 channels: room for farm.models.tiny_weights
     )
 
 

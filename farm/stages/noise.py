@@ -15,7 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from farm.models import ModelBundle
-from farm.params import RenderParams
+from farm.params import RenderParams, output_size
 from farm.stages.base import (
     Artifact,
     StageHooks,
@@ -64,7 +64,8 @@ def run_txt2img(
     # 2. pure noise from the seed, scaled for the scheduler
     generator = new_generator(params.seed)
     scale = bundle.vae_scale_factor
-    shape = (1, bundle.unet.config.in_channels, params.height // scale, params.width // scale)
+    width, height = output_size(params)  # no input: size N is N x N
+    shape = (1, bundle.unet.config.in_channels, height // scale, width // scale)
     noise = randn_tensor(shape, generator=generator, device=bundle.device, dtype=bundle.dtype)
     latents = noise * scheduler.init_noise_sigma
     # 3. the prompt, for guidance

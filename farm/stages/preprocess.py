@@ -30,7 +30,13 @@ What is accepted, and how it is normalized:
   ``convert`` would; 16-bit RGB(A) PNGs arrive as 8-bit from Pillow (it keeps the high byte).
 - **Transparency** (RGBA, LA, PA, palette with tRNS) is composited on white.
 - **CMYK**, YCbCr, LAB and palette images are converted by Pillow; ICC profiles are not applied.
-- The result covers ``width x height``, the overflow cropped evenly from both sides.
+- The output size comes from ``farm.params.output_size`` on the upright picture, so an
+  EXIF-rotated portrait stays a portrait. By default (``size``, the long side) the aspect ratio
+  is kept; both sides snap to a multiple of 8, so the cover crop takes at most a few pixels.
+- Where the aspects differ (``width`` and ``height`` both given), ``fit`` decides: ``cover``
+  fills the output and crops the overflow evenly from both sides, ``contain`` fits the whole
+  picture inside and pads the rest evenly with ``PAD_COLOUR``, ``stretch`` resizes to the output
+  and distorts.
 """
 
 from __future__ import annotations
@@ -47,7 +53,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from farm.errors import InvalidImage
 from farm.models import ModelBundle
-from farm.params import RenderParams
+from farm.params import RenderParams, output_size
 from farm.stages.base import Artifact, StageHooks
 
 FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -58,12 +64,15 @@ _FORMAT_NAMES = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 _SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"II*\0", b"MM\0*")
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 _SIXTEEN_BIT = 65535
+# Mid-grey is 0 in the model's [-1, 1] pixel range: bars that bias the render's colours least
+# (white, what transparency becomes, would brighten every padded render).
+PAD_COLOUR = (128, 128, 128)
 
 
 def run(
     artifact: Artifact | None, params: RenderParams, model: ModelBundle | None, hooks: StageHooks
 ) -> Artifact:
-    """Decode, orient, flatten to RGB, cover-resize to width x height, scale to [-1, 1]."""
+    """Decode, orient, flatten to RGB, fit to the output size, scale to [-1, 1]."""
     if not isinstance(artifact, bytes | bytearray):
         message = "The job has no input image bytes; submit it again with an image."
         raise InvalidImage(message, code="INPUT_NOT_IMAGE")
@@ -82,9 +91,18 @@ def prepare_image(data: bytes, params: RenderParams) -> Image.Image:
         image.load()
         # 2. orient as the camera meant, flatten to RGB
         image = to_rgb(ImageOps.exif_transpose(image))
-    # 3. cover the target size, cropping the overflow evenly
-    size = (params.width, params.height)
-    return ImageOps.fit(image, size, method=Image.Resampling.LANCZOS)
+    # 3. fit the output size, which follows the upright picture's aspect unless given
+    return fit_image(image, output_size(params, image.size), params.fit)
+
+
+def fit_image(image: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:
+    """``image`` resized to ``size`` by cover (crop centred), contain (pad) or stretch."""
+    method = Image.Resampling.LANCZOS
+    if fit == "contain":
+        return ImageOps.pad(image, size, method=method, color=PAD_COLOUR)
+    if fit == "stretch":
+        return image.resize(size, method)
+    return ImageOps.fit(image, size, method=method)
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
