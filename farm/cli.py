@@ -217,10 +217,22 @@ RENDER_OPTIONS: dict[str, RenderOption] = {
     "guidance": RenderOption(float, ("--guidance",), "Classifier-free guidance, 0-50 (7.5)."),
     "seed": RenderOption(int, ("--seed",), "Random seed (0)."),
     "size": RenderOption(
-        str, ("--size",), "Long side in pixels; the other follows the input's aspect ratio (512)."
+        str,
+        ("--size",),
+        "Long side in px, keeping the input's aspect (default: the model's native size), or WxH.",
     ),
-    "width": RenderOption(int, ("--width",), "Exact output width, fitted by --fit."),
-    "height": RenderOption(int, ("--height",), "Exact output height, fitted by --fit."),
+    "width": RenderOption(
+        int,
+        ("--width",),
+        "Output width in px: with --height exactly that size (see --fit); alone, the height "
+        "follows the input's aspect.",
+    ),
+    "height": RenderOption(
+        int,
+        ("--height",),
+        "Output height in px: with --width exactly that size (see --fit); alone, the width "
+        "follows the input's aspect.",
+    ),
     "fit": RenderOption(
         str, ("--fit",), "With --width/--height: cover (crop, default), contain (pad), stretch."
     ),
