@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from farm.cli import RENDER_OPTIONS
+from farm.cli.render import RENDER_OPTIONS
 from farm.follower import output_names
 from farm.tasks import faults
 from tests.helpers import sample_png, wait_until

@@ -1,0 +1,24 @@
+"""The ``farm`` command: a thin layer over farm.api, farm.local and the workers.
+
+One module per group of commands: ``stack`` (the local stack, workers, the database and other
+operator commands), ``render`` (render and submit, with their one option set), ``steer``
+(inspecting and steering jobs).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from farm.cli import render, stack, steer  # noqa: F401 -- registers the commands
+from farm.cli.app import app, err
+from farm.errors import FarmError
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        app()
+    except FarmError as exc:
+        err.print(f"[red]error[/] {exc.code}: {exc.message}")
+        sys.exit(2)

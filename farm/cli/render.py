@@ -1,0 +1,219 @@
+"""`farm render` and `farm submit`, and the one option set they share."""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from farm.api import Farm
+from farm.config import Settings, is_configured
+from farm.errors import ConfigError
+
+if TYPE_CHECKING:
+    pass
+
+from farm.cli.app import DataDir, app, console, err
+from farm.cli.stack import _data_dir
+
+# -- rendering ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RenderOption:
+    """One render parameter as a command-line option."""
+
+    kind: type
+    flags: tuple[str, ...]
+    help: str
+
+
+# Every RenderParams parameter (README "Python API"), for `farm render` and `farm submit` alike.
+RENDER_OPTIONS: dict[str, RenderOption] = {
+    "prompt": RenderOption(str, ("--prompt", "-p"), "What to render."),
+    "negative_prompt": RenderOption(str, ("--negative-prompt",), "What to avoid."),
+    "strength": RenderOption(float, ("--strength",), "0-1: how far from the input (0.75)."),
+    "steps": RenderOption(int, ("--steps",), "Denoising steps, 1-500 (30)."),
+    "guidance": RenderOption(float, ("--guidance",), "Classifier-free guidance, 0-50 (7.5)."),
+    "seed": RenderOption(int, ("--seed",), "Random seed (0)."),
+    "size": RenderOption(
+        str,
+        ("--size",),
+        "Long side in px, keeping the input's aspect (default: the model's native size), or WxH.",
+    ),
+    "width": RenderOption(
+        int,
+        ("--width",),
+        "Output width in px: with --height exactly that size (see --fit); alone, the height "
+        "follows the input's aspect.",
+    ),
+    "height": RenderOption(
+        int,
+        ("--height",),
+        "Output height in px: with --width exactly that size (see --fit); alone, the width "
+        "follows the input's aspect.",
+    ),
+    "fit": RenderOption(
+        str, ("--fit",), "With --width/--height: cover (crop, default), contain (pad), stretch."
+    ),
+    "scheduler": RenderOption(str, ("--scheduler",), "pndm, ddim, euler, euler_a or dpm."),
+    "sharpen": RenderOption(float, ("--sharpen",), "Unsharp-mask amount, 0-5 (0)."),
+    "saturation": RenderOption(float, ("--saturation",), "Colour saturation, 0-5 (1)."),
+    "contrast": RenderOption(float, ("--contrast",), "Contrast, 0-5 (1)."),
+    "brightness": RenderOption(float, ("--brightness",), "Brightness, 0-5 (1)."),
+}
+
+
+@dataclass(frozen=True)
+class RenderArgs:
+    """What a rendering command was asked: the pipeline, the priority, and the render
+    parameters given (RenderParams fills in the rest with its defaults)."""
+
+    pipeline: str
+    priority: int
+    params: dict
+
+
+def render_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give ``command`` the --pipeline and --priority options and every render option; it
+    receives them as one ``render: RenderArgs`` argument."""
+    own = [p for p in inspect.signature(command).parameters.values() if p.name != "render"]
+    added = [
+        _keyword("pipeline", str, typer.Option("img2img", help="img2img or txt2img.")),
+        _keyword("priority", int, typer.Option(5, help="0-9, higher runs first.")),
+        *(
+            _keyword(name, o.kind, typer.Option(None, *o.flags, help=o.help))
+            for name, o in RENDER_OPTIONS.items()
+        ),
+    ]
+
+    @functools.wraps(command)
+    def with_render_args(**kwargs: object) -> None:
+        given = {name: kwargs.pop(name) for name in RENDER_OPTIONS}
+        params = {name: value for name, value in given.items() if value is not None}
+        render = RenderArgs(kwargs.pop("pipeline"), kwargs.pop("priority"), params)
+        command(**kwargs, render=render)
+
+    with_render_args.__signature__ = inspect.Signature([*own, *added])  # what typer reads
+    return with_render_args
+
+
+def _keyword(name: str, kind: type, option: object) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind)
+
+
+@contextmanager
+def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
+    """The configured farm; with none configured, an embedded one for the duration:
+    the local stack plus one cpu and one gpu worker, all stopped afterwards."""
+    if is_configured() and data_dir is None:
+        yield Farm.from_env()
+        return
+    from farm.local import LocalStack
+    from farm.local.workers import ROLES, start_worker, wait_ready
+
+    root = _data_dir(data_dir)
+    stack = LocalStack(root)
+    err.print(f"[dim]no farm configured: starting an embedded one in {root}[/]")
+    info = stack.up()
+    env = info.env()
+    os.environ.update(env)
+    farm = Farm(Settings.from_env())
+    workers = [start_worker(role, env, root / "logs") for role in ROLES]
+    try:
+        wait_ready(farm.ctx.meta, workers)
+        yield farm
+    finally:
+        for w in workers:
+            w.stop()
+        stack.down()
+
+
+@app.command()
+@render_options
+def render(
+    input_dir: Path = typer.Argument(..., help="Folder of images."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder for the outputs."),
+    recursive: bool = typer.Option(False, "--recursive", "-r", help="Include sub-folders."),
+    data_dir: Path | None = DataDir,
+    *,
+    render: RenderArgs,
+) -> None:
+    """Render every image of a folder into OUTPUT (<input stem>.png); exits 1 if any failed.
+    Re-running the same command skips what is done and follows what is still running."""
+    from farm.follower import Follower, summary
+
+    _output_folder(output)  # before anything is submitted
+    embedded = data_dir is not None or not is_configured()  # as _farm decides
+    batch = None
+    try:
+        with _farm(data_dir) as farm:
+            batch = farm.submit_folder(
+                input_dir,
+                recursive,
+                pipeline=render.pipeline,
+                priority=render.priority,
+                **render.params,
+            )
+            console.print(f"batch {batch.id}", highlight=False)
+            _warn_missing(farm, batch)
+            jobs = Follower(farm, batch, output, console).run()
+    except KeyboardInterrupt:
+        err.print(_interrupted(batch, embedded=embedded), soft_wrap=True, highlight=False)
+        raise typer.Exit(130) from None
+    console.print(summary(jobs, batch.skipped))
+    console.print(f"outputs in {output.resolve()}  (batch {batch.id})", highlight=False)
+    if any(j.status != "done" for j in jobs):
+        raise typer.Exit(1)
+
+
+def _output_folder(output: Path) -> None:
+    """Create the output folder, or say in one line why it cannot be."""
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"--output {output} is a file; give a folder (it is created if new)")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--output {output}: cannot create it ({exc.strerror})") from exc
+
+
+def _interrupted(batch, *, embedded: bool) -> str:
+    """What Ctrl-C leaves behind, and how to go on from there."""
+    again = "\n  to continue: re-run the same `farm render` (it skips what is done)"
+    if batch is None:
+        return f"interrupted while submitting{again}"
+    if embedded:
+        return f"interrupted: the embedded farm stopped, batch {batch.id} unfinished{again}"
+    return (
+        f"interrupted: batch {batch.id} goes on rendering on the farm{again}"
+        f"\n  to stop it:  farm cancel --batch {batch.id}"
+    )
+
+
+def _warn_missing(farm: Farm, batch) -> None:
+    missing = farm.missing_queues(farm.queues_of(batch=batch.id))
+    if missing:
+        err.print(
+            f"[yellow]warning[/] no worker consumes {', '.join(sorted(missing))}: "
+            "jobs wait until one starts (farm up, or farm worker --role ...)"
+        )
+
+
+@app.command()
+@render_options
+def submit(
+    image: Path | None = typer.Argument(None, help="Input image (none for txt2img)."),
+    *,
+    render: RenderArgs,
+) -> None:
+    """Submit one job and print its id."""
+    farm = Farm.from_env()
+    job = farm.submit(image, pipeline=render.pipeline, priority=render.priority, **render.params)
+    console.print(job.id)

@@ -1,0 +1,202 @@
+"""Commands for the local stack, workers, the database and other operator tasks."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+
+from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env
+from farm.errors import ConfigError
+
+if TYPE_CHECKING:
+    from farm.local import LocalStack, StackInfo
+    from farm.local.fleet import Fleet
+
+from farm.cli.app import DataDir, app, console, db_app, err
+
+
+def _data_dir(value: Path | None) -> Path:
+    path = (value or data_dir_from_env()).expanduser().resolve()
+    os.environ["FARM_DATA_DIR"] = str(path)  # so Settings find DIR/farm.env
+    return path
+
+
+@app.command()
+def up(
+    data_dir: Path | None = DataDir,
+    no_workers: bool = typer.Option(False, "--no-workers", help="Servers only."),
+) -> None:
+    """Start a local Redis, Postgres and S3 server and a supervisor keeping one cpu and one gpu
+    worker alive (whatever already runs is reused)."""
+    from farm.local import LocalStack, fleet
+
+    root = _data_dir(data_dir)
+    started = time.perf_counter()
+    stack = LocalStack(root)
+    info = stack.up()
+    running = fleet.supervisor_pid(root)
+    workers = None if no_workers and running is None else fleet.ensure(root, info.env())
+    console.print(f"[green]farm is up[/] in {time.perf_counter() - started:.1f} s ({root})")
+    _print_servers(stack, info)
+    if workers is not None:
+        _print_workers(workers)
+    _print_reused(stack, workers)
+    console.print(f"  settings  {info.data_dir / ENV_FILE_NAME}")
+    if data_dir is not None:
+        _remember(root)
+
+
+def _print_servers(stack: LocalStack, info: StackInfo) -> None:
+    pids = stack.pids()
+    console.print(f"  redis     {info.redis_url.split('@')[-1]}  pid {pids.get('redis')}")
+    console.print(f"  postgres  {info.database_url.split('@')[-1]}  pid {pids.get('postgres')}")
+    console.print(f"  s3        {info.s3_endpoint}  bucket {info.s3_bucket}  pid {pids.get('s3')}")
+
+
+def _print_workers(workers: Fleet) -> None:
+    console.print(f"  supervisor pid {workers.supervisor}  log {workers.log_path}")
+    for w in workers.workers:
+        pid = w["pid"] or "- (restarting)"
+        line = f"  worker    {w['name']}  pid {pid}  log {w['log']}"
+        if w.get("restarts"):
+            line += f"  restarted {w['restarts']} time(s)"
+        if w.get("crash_looping"):
+            line += "  [red]crashing repeatedly[/]: see its log and the supervisor's"
+        console.print(line)
+
+
+def _print_reused(stack: LocalStack, workers: Fleet | None) -> None:
+    reused = [f"{name} (pid {pid})" for name, pid in stack.reused.items()]
+    if workers is not None and workers.reused:
+        reused.append(f"supervisor (pid {workers.supervisor})")
+    if workers is not None:
+        reused += [
+            f"worker {w['name']} (pid {w['pid']})"
+            for w in workers.workers
+            if workers.reused or w.get("adopted")
+        ]
+    if reused:
+        console.print(f"  reused    {', '.join(reused)}")
+
+
+def _remember(root: Path) -> None:
+    """Let later commands without FARM_DATA_DIR find this farm, and say how to be explicit."""
+    from farm.config import default_data_dir, remember_data_dir
+
+    remember_data_dir(root)
+    if root != default_data_dir().resolve():
+        console.print(
+            f"  later `farm` commands find this farm (recorded in {default_data_dir()});"
+            f" to be explicit: export FARM_DATA_DIR={root}"
+        )
+
+
+@app.command()
+def down(data_dir: Path | None = DataDir) -> None:
+    """Stop what `farm up` started: the workers, their supervisor and the servers."""
+    from farm.config import forget_data_dir
+    from farm.local import LocalStack, fleet
+
+    root = _data_dir(data_dir)
+    stopped = fleet.stop(root)
+    LocalStack(root).down()
+    forget_data_dir(root)
+    console.print(f"farm is down ({stopped} worker(s) stopped) in {root}")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = typer.Argument("head")) -> None:
+    """Apply migrations to FARM_DATABASE_URL."""
+    from alembic import command
+
+    from farm.db.migrate import alembic_config
+
+    settings = Settings.from_env()
+    command.upgrade(alembic_config(settings.database_url.get_secret_value()), revision)
+    console.print(f"database at {revision}")
+
+
+@app.command()
+def worker(
+    role: str = typer.Option(..., "--role", help="cpu or gpu"),
+    loglevel: str = typer.Option("INFO", "--loglevel"),
+    name: str | None = typer.Option(None, "--name", help="Celery node name (default ROLE@host)"),
+) -> None:
+    """Run one worker in the foreground (one per GPU: set CUDA_VISIBLE_DEVICES)."""
+    from farm.local.workers import ROLES, worker_command
+
+    if role not in ROLES:
+        raise ConfigError(f"--role must be cpu or gpu, not {role!r}")
+    Settings.from_env()  # fail fast, naming the missing variable
+    os.environ["FARM_WORKER_ROLE"] = role
+    command = worker_command(name or f"{role}@%h", loglevel)
+    os.execv(command[0], command)
+
+
+@app.command()
+def reconcile() -> None:
+    """Re-enqueue stages whose worker stopped beating (workers also do this on their own)."""
+    from farm.tasks.app import configure
+    from farm.tasks.context import Context
+    from farm.tasks.reconcile import reconcile as run_pass
+
+    ctx = Context(Settings.from_env())
+    configure(ctx.settings)
+    requeued = run_pass(ctx)
+    for job_id, stage in requeued:
+        console.print(f"re-enqueued {job_id} {stage}")
+    console.print(f"{len(requeued)} stage(s) re-enqueued")
+
+
+@app.command()
+def gc(
+    grace: float = typer.Option(3600, "--grace", help="Only objects older than this (s)."),
+) -> None:
+    """Delete artifacts no job record points to (left by a submitter that died)."""
+    from farm.tasks.context import Context
+    from farm.tasks.gc import sweep
+
+    deleted = sweep(Context(Settings.from_env()), grace)
+    console.print(f"{deleted} orphaned object(s) deleted")
+
+
+@app.command()
+def config() -> None:
+    """Print the settings in effect (secrets masked)."""
+    for key, value in Settings.from_env().public_dict().items():
+        console.print(f"FARM_{key.upper()}={value}")
+
+
+@app.command()
+def flower(
+    port: int = typer.Option(5555, "--port"),
+    address: str = typer.Option(
+        "127.0.0.1", "--address", help="Keep it private: /metrics answers without auth."
+    ),
+) -> None:
+    """Run Flower (Celery monitoring) with basic auth from FARM_FLOWER_USER/PASSWORD."""
+    settings = Settings.from_env()
+    password = settings.flower_password.get_secret_value() if settings.flower_password else None
+    if not password:
+        password = secrets.token_urlsafe(12)
+        err.print(f"FARM_FLOWER_PASSWORD is not set; this run's password: {password}")
+    # Credentials go through the environment, not argv, so `ps` does not show them.
+    os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "farm.tasks",
+        "flower",
+        f"--address={address}",
+        f"--port={port}",
+    ]
+    err.print(f"Flower on http://{address}:{port} (user {settings.flower_user})")
+    os.execv(command[0], command)

@@ -1,0 +1,152 @@
+"""Inspecting and steering jobs: status, jobs, result, resume, cancel, debug-run."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from rich.table import Column, Table
+
+from farm.api import Farm
+from farm.errors import ConfigError
+
+if TYPE_CHECKING:
+    pass
+
+from farm.cli.app import JobId, app, console
+
+
+@app.command()
+def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -> None:
+    """A job's status and its stage table (status, attempts, lost runs, worker, duration)."""
+    job = Farm.from_env().get(job_id)
+    info, stages = job.info(), job.stages()
+    if as_json:
+        payload = {
+            **_jsonable(asdict(info)),
+            "stages": [asdict(s) for s in stages],
+            "progress": asdict(job.progress()),
+        }
+        console.print_json(json.dumps(payload))
+        return
+    console.print(f"job {info.id}  [bold]{info.status}[/]  pipeline {info.pipeline}")
+    if info.error_code:
+        console.print(f"[red]{info.error_code}[/]: {info.error_message}")
+    for s in stages:
+        if s.lost_runs:
+            console.print(
+                f"[yellow]{s.name}[/]: its worker died {s.lost_runs} time(s) mid-stage; "
+                "the stage was sent again"
+            )
+    table = Table("stage", "queue", "status", "attempts", "lost", "worker", "duration", "artifact")
+    for s in stages:
+        duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
+        size = f"{s.artifact_size:,} B" if s.artifact_size else ""
+        row = (s.name, s.queue, s.status, str(s.attempts), str(s.lost_runs), s.worker or "")
+        table.add_row(*row, duration, size)
+    console.print(table)
+
+
+@app.command()
+def result(
+    job_id: str = JobId,
+    output: Path = typer.Option(..., "--output", "-o", help="File to write the PNG to."),
+) -> None:
+    """Download a done job's output PNG (NOT_DONE if it has none yet)."""
+    if output.is_dir():
+        raise ConfigError(f"--output {output} is a folder; give a file name")
+    saved = Farm.from_env().get(job_id).save(output)
+    console.print(f"saved {saved}", highlight=False)
+
+
+@app.command()
+def jobs(
+    status_: str | None = typer.Option(None, "--status", help="queued, running, done, ..."),
+    batch: str | None = typer.Option(None, "--batch", help="Only this batch."),
+    limit: int = typer.Option(50, "--limit"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """List jobs, newest first (ids in full, for status, result, resume and cancel)."""
+    found = Farm.from_env().jobs(status=status_, batch=batch, limit=limit)
+    if as_json:
+        console.print_json(json.dumps([_jsonable(asdict(j)) for j in found]))
+        return
+    whole_id = Column("id", no_wrap=True, min_width=32)  # never cut short: users paste it
+    table = Table(whole_id, "status", "stage", "input", "error", "created")
+    for j in found:
+        table.add_row(
+            j.id,
+            j.status,
+            j.current_stage or "",
+            j.input_name or "",
+            j.error_code or "",
+            f"{j.created_at:%Y-%m-%d %H:%M:%S}",
+        )
+    console.print(table)
+
+
+@app.command()
+def resume(
+    job_id: str | None = typer.Argument(None, help="A job id, or a prefix of it."),
+    failed: bool = typer.Option(False, "--failed", help="Resume every failed job."),
+    cancelled: bool = typer.Option(
+        False, "--cancelled", help="With --failed: resume cancelled jobs too."
+    ),
+    batch: str | None = typer.Option(None, "--batch", help="With --failed: only this batch."),
+) -> None:
+    """Resume a failed or cancelled job (or every --failed one) from its first stage that is
+    not done. A queued, running or done job is refused (NOT_RESUMABLE)."""
+    farm = Farm.from_env()
+    if failed:
+        resumed = farm.resume_failed(batch, cancelled=cancelled)
+        console.print(f"resumed {len(resumed)} job(s)")
+    elif job_id:
+        job = farm.resume(farm.get(job_id).id)
+        console.print(f"resumed {job.id}")
+    else:
+        raise ConfigError("give a JOB id or --failed")
+
+
+@app.command()
+def cancel(
+    job_id: str | None = typer.Argument(None, help="A job id, or a prefix of it."),
+    batch: str | None = typer.Option(None, "--batch", help="Cancel every unfinished job."),
+) -> None:
+    """Cancel a job or a batch; a running stage stops at its next step."""
+    farm = Farm.from_env()
+    if not (job_id or batch):
+        raise ConfigError("give a JOB id or --batch ID")
+    count = farm.cancel(batch=batch) if batch else farm.cancel(farm.get(job_id))
+    console.print(f"cancelled {count} job(s)")
+
+
+@app.command("debug-run")
+def debug_run(job_id: str = JobId) -> None:
+    """Run a job's remaining stages in this process, without Celery, to see a failure in the
+    foreground (a failed or cancelled job is reopened first, as resume does)."""
+    from farm.db.job_records import prepare_resume
+    from farm.db.session import transaction
+    from farm.tasks.inline import run_job_inline
+
+    farm = Farm.from_env()
+    logging.getLogger("farm").setLevel(logging.INFO)
+    job_id = farm.get(job_id).id  # a prefix, as for status
+    if farm.get(job_id).status() in ("failed", "cancelled"):
+        with transaction(farm.ctx.db_url) as conn:
+            prepare_resume(conn, job_id)
+        farm.ctx.meta.clear_cancel(job_id)
+    for stage, outcome in run_job_inline(farm.ctx, job_id):
+        console.print(f"{stage:<12} {outcome}")
+    info = farm.get(job_id).info()
+    console.print(f"job {job_id}  [bold]{info.status}[/]")
+    if info.error_code:
+        console.print(f"[red]{info.error_code}[/]: {info.error_message}")
+
+
+def _jsonable(data: dict) -> dict:
+    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in data.items()}
