@@ -11,6 +11,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from farm.tasks import faults
 from tests.helpers import sample_png, wait_for_step, wait_until
 from tests.test_security import free_port, http
 
@@ -83,12 +84,14 @@ def in_gpu_stage(job) -> bool:
     return progress.status == "running" and progress.stage in GPU_STAGES
 
 
-def test_busy_gpu_worker_is_online_with_its_task_active(farm, running, flower) -> None:
+def test_busy_gpu_worker_is_online_with_its_task_active(farm, running, flower, meta) -> None:
     gpu = running.of("gpu")[0].name
     wait_until(lambda: online(flower, gpu), 30, "the gpu worker to show online")
-    job = farm.submit(sample_png(hue=33), size=64, steps=200, strength=1.0)
+    job = farm.submit(sample_png(hue=33), size=64, steps=20, strength=1.0)
+    # A long gpu stage whatever the model's speed: denoise stalls after its first step.
+    faults.arm(meta, job.id, "denoise", "step", f"sleep:{QUIET_WINDOW_S + 8}")
     try:
-        wait_for_step(job, "denoise", 2)
+        wait_for_step(job, "denoise", 1)
         wait_until(lambda: active_on(flower, gpu, job.id), 30, "the gpu task among active ones")
         wait_until(lambda: started_task(flower, gpu, job.id), 30, "the task-started event")
         # A worker counts as offline once its heartbeats have been silent for two intervals:

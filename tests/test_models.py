@@ -215,3 +215,13 @@ def test_tiny_prompt_changes_nothing(tiny: ModelBundle) -> None:
         for scale in (0.0, 1.0)
     ]
     assert torch.equal(*outputs)
+
+
+def test_a_new_data_dir_gets_the_cached_build(tiny_model, tmp_path) -> None:
+    from farm.models.loader import ensure_tiny_model, tiny_model_cache
+
+    copy = ensure_tiny_model(tmp_path)
+    files = sorted(p.relative_to(tiny_model) for p in tiny_model.rglob("*") if p.is_file())
+    assert files and files == sorted(p.relative_to(copy) for p in copy.rglob("*") if p.is_file())
+    assert all((copy / f).read_bytes() == (tiny_model / f).read_bytes() for f in files)
+    assert tiny_model_cache().is_dir()

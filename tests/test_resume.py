@@ -31,19 +31,22 @@ def test_resume_refuses_a_done_job(farm, running) -> None:
         farm.resume(job.id)
 
 
-def test_resume_failed_leaves_cancelled_jobs_unless_asked(farm, running, meta) -> None:
-    failed = farm.submit(sample_png(hue=122), **FAST)
+def test_resume_failed_leaves_cancelled_jobs_unless_asked(farm, running, meta, tmp_path) -> None:
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for hue in (122, 123):
+        (folder / f"{hue}.png").write_bytes(sample_png(hue=hue))
+    batch = farm.submit_folder(folder, **SLOW)
+    failed, cancelled = (farm.get(j.id) for j in sorted(batch.jobs(), key=lambda j: j.input_name))
     faults.arm(meta, failed.id, "postprocess", "start", "fail")
-    assert failed.wait(timeout=120).status == "failed"
-    cancelled = farm.submit(sample_png(hue=123), **SLOW)
     wait_for_step(cancelled, "denoise", 1, timeout=120)
     farm.cancel(cancelled.id)
+    assert failed.wait(timeout=240).status == "failed"
     assert cancelled.wait(timeout=60).status == "cancelled"
-    resumed = {j.id for j in farm.resume_failed()}
-    assert failed.id in resumed and cancelled.id not in resumed
+    assert [j.id for j in farm.resume_failed(batch.id)] == [failed.id]
     assert failed.wait(timeout=120).status == "done"
     assert cancelled.status() == "cancelled"
-    assert cancelled.id in {j.id for j in farm.resume_failed(cancelled=True)}
+    assert [j.id for j in farm.resume_failed(batch.id, cancelled=True)] == [cancelled.id]
     assert cancelled.wait(timeout=240).status == "done"
 
 

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from diffusers.schedulers.scheduling_utils import SCHEDULER_CONFIG_NAME
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from farm.errors import ModelError
-from farm.models.tiny import build_tiny_pipeline
+from farm.models.tiny import build_tiny_pipeline, tiny_build_digest
 
 # "-2": weights made by farm.models.tiny_weights; a data dir holding the random ones rebuilds.
 TINY_MODEL_SUBDIR = Path("models") / "tiny-sd-2"
@@ -49,18 +49,41 @@ class ModelBundle:
 
 
 def ensure_tiny_model(data_dir: Path) -> Path:
-    """Build and save the tiny model under ``data_dir`` unless it is there; return its folder."""
+    """Save the tiny model under ``data_dir`` unless it is there; return its folder.
+
+    Building it trains its UNet for about a minute, so a built copy is kept in the user's cache
+    (``$XDG_CACHE_HOME/farm``, keyed by a hash of the code that builds it) and copied into
+    every new data dir; the model is then loaded from the data dir like any real checkpoint."""
     target = Path(data_dir) / TINY_MODEL_SUBDIR
-    if _is_complete(target):
-        return target
+    if not _is_complete(target):
+        cached = _build_cached()
+        _stage_and_publish(
+            target, lambda staging: shutil.copytree(cached, staging, dirs_exist_ok=True)
+        )
+    return target
+
+
+def tiny_model_cache() -> Path:
+    """Where the built tiny model is cached: its name changes with the code that builds it."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "farm" / f"tiny-sd-{tiny_build_digest()[:12]}"
+
+
+def _build_cached() -> Path:
+    cached = tiny_model_cache()
+    if not _is_complete(cached):
+        _stage_and_publish(cached, lambda staging: build_tiny_pipeline().save_pretrained(staging))
+    return cached
+
+
+def _stage_and_publish(target: Path, fill: Callable[[Path], object]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target.parent))
     try:
-        build_tiny_pipeline().save_pretrained(staging)
+        fill(staging)
         _publish(staging, target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 def _publish(staging: Path, target: Path) -> None:

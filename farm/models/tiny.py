@@ -15,9 +15,11 @@ by hub name offline does not fail, it silently returns a 2-token vocabulary.
 from __future__ import annotations
 
 import functools
+import hashlib
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -39,6 +41,19 @@ TEXT_VOCAB_SIZE = 1000  # embedding rows; the tokenizer uses the first ~550 ids
 WORDS = ("a", "painting", "photo", "of", "the", "cat", "dog", "city", "forest", "sunset")
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 _BUILD_LOCK = threading.Lock()
+
+
+def tiny_build_digest() -> str:
+    """A hash of what decides the tiny model's weights: the code that builds and trains it, and
+    the torch and diffusers versions it runs on. A cached build is reused only while it holds."""
+    import diffusers
+
+    from farm.models import tiny_weights
+
+    digest = hashlib.sha256(f"{torch.__version__}|{diffusers.__version__}".encode())
+    for module in (__file__, tiny_weights.__file__):
+        digest.update(Path(module).read_bytes())
+    return digest.hexdigest()
 
 
 def build_tiny_pipeline() -> StableDiffusionImg2ImgPipeline:
