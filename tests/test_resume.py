@@ -71,3 +71,29 @@ def test_two_submitters_racing_on_one_key_get_the_same_job(farm, running) -> Non
     inputs = [k for k in farm.ctx.store.list("jobs/") if k.endswith("/input")]
     recorded = {j.id for j in farm.jobs(limit=None)}
     assert all(k.split("/")[1] in recorded for k in inputs)  # the losers' uploads are gone
+
+
+def test_two_submitters_of_one_folder_at_once_both_finish(farm, running, tmp_path) -> None:
+    folder = tmp_path / "raced"
+    folder.mkdir()
+    for hue in range(130, 136):
+        (folder / f"{hue}.png").write_bytes(sample_png(32, hue=hue))
+    barrier, batches, errors = threading.Barrier(2), [], []
+
+    def submit() -> None:
+        barrier.wait()
+        try:
+            batches.append(farm.submit_folder(folder, size=32, steps=2, strength=1.0))
+        except Exception as exc:  # an IntegrityError traceback is what the test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=submit) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and len(batches) == 2
+    jobs = {j.id for batch in batches for j in batch.jobs()}
+    assert len(jobs) == 6  # one job per input, whichever submitter recorded it
+    for job_id in jobs:
+        assert farm.get(job_id).wait(timeout=120).status == "done"

@@ -38,3 +38,8 @@ def test_a_worker_with_no_farm_configured_names_what_is_missing(tmp_path) -> Non
     done = run(["-m", "celery", "-A", "farm.tasks", "worker", "-n", "none@x"], env)
     assert done.returncode == 2
     assert "FARM_BROKER_URL" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_importing_farm_configures_nothing(farm_env) -> None:
+    code = "import farm, farm.tasks; from farm.tasks.app import app; assert not app.configured"
+    assert run(["-c", code], farm_env).returncode == 0
