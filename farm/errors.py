@@ -1,4 +1,5 @@
-"""Every error the farm raises on purpose, one class per stable ``code``.
+"""Every error the farm raises on purpose, one class per stable ``code`` (``InvalidImage``
+carries one of the INPUT_* codes, which say what is wrong with the file).
 
     FarmError
      ├── ConfigError             CONFIG_INVALID

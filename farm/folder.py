@@ -26,7 +26,7 @@ from farm.db.models import Job as JobRow
 from farm.db.models import JobStatus
 from farm.db.rows import Conn, jobs, lock_job, update_job
 from farm.db.session import session_scope, transaction
-from farm.errors import DuplicateJob, InvalidParameter, is_input_error
+from farm.errors import DuplicateJob, InvalidParameter, NotResumable, is_input_error
 from farm.inputs import InputFile, read_input, scan_folder
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
@@ -107,7 +107,9 @@ class FolderSubmission:
             first = [spec.name for spec in self.pipeline.ready(())]
             new_ids = job_records.insert_jobs(conn, self.pipeline, jobs, failures)
             to_send = [(job_id, first) for job_id in new_ids]
-            to_send += filter(None, (self._adopt(conn, job_id) for job_id in existing.values()))
+            # jobs locked in one order, so two submitters of one folder never deadlock
+            adopted = (self._adopt(conn, job_id) for job_id in sorted(existing.values()))
+            to_send += filter(None, adopted)
         self.skipped += skipped
         self._announce(to_send)
 
@@ -189,7 +191,10 @@ class FolderSubmission:
             self.skipped.append(name or job_id)
             return None
         if status in (JobStatus.FAILED, JobStatus.CANCELLED) and not is_input_error(error_code):
-            _, _, ready = job_records.prepare_resume(conn, job_id)
+            try:
+                _, _, ready = job_records.prepare_resume(conn, job_id)
+            except NotResumable:  # cancelled, its stage still stopping: the next run takes it
+                return None
             return (job_id, ready) if ready else None
         return None
 

@@ -77,6 +77,8 @@ class Follower:
     def _poll(self) -> tuple[list[JobInfo], list[JobInfo]]:
         """The batch's jobs, and those that finished since the last poll (outputs saved)."""
         jobs = self.batch.jobs()
+        # a job resumed meanwhile (by anyone) is followed again, its output saved again
+        self.finished -= {j.id for j in jobs if not j.finished}
         new = [j for j in jobs if j.finished and j.id not in self.finished]
         self._save([j for j in new if j.status == JobStatus.DONE], jobs)
         self._tell_lost_runs(new)

@@ -13,6 +13,7 @@ from farm.db import job_records, stage_records
 from farm.db.migrate import downgrade_base, upgrade_head
 from farm.db.models import Base, StageRun
 from farm.db.session import get_engine, session_scope
+from farm.errors import NotResumable
 from farm.local import StackInfo
 from farm.pipelines import get_pipeline
 
@@ -104,3 +105,27 @@ def test_poison_guard_fails_after_max_lost_deliveries(stack: StackInfo) -> None:
         with session_scope(url) as s:
             actions.append(stage_records.begin_stage(s, job_id, "noise", "w", max_lost=2).action)
     assert actions == ["run", "run", "crashed", "crashed"]
+
+
+def test_a_stage_committed_done_is_never_failed_afterwards(stack: StackInfo) -> None:
+    url = stack.database_url
+    job_id = new_job(url, "txt2img")
+    with session_scope(url) as s:
+        begin = stage_records.begin_stage(s, job_id, "noise", "w", max_lost=3)
+        checkpoint = stage_records.Checkpoint("k", 1, "0" * 64, 0.1)
+        stage_records.complete_stage(s, job_id, "noise", begin.attempt, checkpoint)
+    with session_scope(url) as s:  # an error after the commit, in the same delivery
+        stage_records.fail_stage(s, job_id, "noise", begin.attempt, "STAGE_FAILED", "late")
+    with session_scope(url) as s:
+        job = job_records.get_job(s, job_id)
+        assert job.status == "running" and job.stage_runs[0].status == "done"
+
+
+def test_a_cancelled_job_whose_stage_still_runs_is_not_resumed_yet(stack: StackInfo) -> None:
+    url = stack.database_url
+    job_id = new_job(url, "txt2img")
+    with session_scope(url) as s:
+        stage_records.begin_stage(s, job_id, "noise", "w", max_lost=3)
+        job_records.mark_cancelled(s, job_id)
+    with pytest.raises(NotResumable, match="still stopping"), session_scope(url) as s:
+        job_records.prepare_resume(s, job_id)

@@ -9,19 +9,14 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 
 from farm.api import Farm
-from farm.config import Settings, is_configured
-from farm.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 from farm.cli.app import DataDir, app, console, err
 from farm.cli.stack import _data_dir
+from farm.config import Settings, is_configured
+from farm.errors import ConfigError
 
 # -- rendering ------------------------------------------------------------------------------
 

@@ -7,18 +7,13 @@ import logging
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import typer
 from rich.table import Column, Table
 
 from farm.api import Farm
-from farm.errors import ConfigError
-
-if TYPE_CHECKING:
-    pass
-
 from farm.cli.app import JobId, app, console
+from farm.errors import ConfigError
 
 
 @app.command()

@@ -98,10 +98,8 @@ def _stage_row(job_id: str, position: int, spec, queued: bool, now: datetime) ->
     }
 
 
-def get_job(session: Session, job_id: str, *, lock: bool = False) -> Job:
-    """The job with its stage records (``lock``: the job row FOR UPDATE first)."""
-    if lock:
-        lock_job(session, job_id)
+def get_job(session: Session, job_id: str) -> Job:
+    """The job with its stage records."""
     query = select(Job).where(Job.id == job_id).options(joinedload(Job.stage_runs))
     job = session.scalars(query).unique().one_or_none()
     if job is None:
@@ -147,7 +145,7 @@ def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
     status, pipeline_name, priority = lock_job(
         conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority
     )
-    _check_resumable(job_id, status)
+    _check_resumable(job_id, status, stage_statuses(conn, job_id))
     conn.execute(
         update(runs)
         .where(runs.c.job_id == job_id, runs.c.status != StageStatus.DONE)
@@ -168,13 +166,20 @@ def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
     return pipeline_name, priority, ready
 
 
-def _check_resumable(job_id: str, status: str) -> None:
+def _check_resumable(job_id: str, status: str, stages: dict[str, str]) -> None:
     if status == JobStatus.DONE:
         raise NotResumable(f"job {job_id} is done; there is nothing to resume.")
     if status not in (JobStatus.FAILED, JobStatus.CANCELLED):
         raise NotResumable(
             f"job {job_id} is {status}; resume takes failed or cancelled jobs "
             f"(wait for it, or `farm cancel {job_id}` first)."
+        )
+    running = [stage for stage, s in stages.items() if s == StageStatus.RUNNING]
+    if running:  # cancelled, but the stage stops only at its next step: resuming now would
+        # reopen it under the delivery still running it, and that delivery's work would be lost
+        raise NotResumable(
+            f"job {job_id} is {status} but its {running[0]} stage is still stopping; "
+            "try again in a few seconds."
         )
 
 

@@ -1,7 +1,9 @@
 """The tables as Core objects, and the statements every record module shares.
 
-Stage records change only under their job's row lock (``lock_job``), taken first and in its
-own statement, so two writers of one job never interleave and never deadlock.
+Stage records change under their job's row lock (``lock_job``), taken first and in its own
+statement, so two writers of one job never interleave and never deadlock. The one exception is
+the reconciler's expiry of dead stages (farm.db.reconcile_queries), a single UPDATE of stage rows
+whose owner stopped beating: every worker write is fenced by its attempt, so it cannot collide.
 """
 
 from __future__ import annotations

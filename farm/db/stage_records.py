@@ -26,7 +26,7 @@ from farm.db.rows import (
     stage_statuses,
     update_job,
 )
-from farm.errors import JobNotFound
+from farm.errors import JobNotFound, TransientError
 from farm.pipelines import get_pipeline
 
 
@@ -186,9 +186,9 @@ def fail_stage(
     """Fail the stage and its job with a stable code; nothing is retried after this.
     ``attempt`` None: fail it whoever owns it (the poison guard, a bad record)."""
     (job_status,) = lock_job(conn, job_id, jobs.c.status)
-    which = stage_is(job_id, stage)
-    if attempt is not None:
-        which = which & (runs.c.attempts == attempt)  # a newer delivery owns it otherwise
+    # With an attempt, only while that delivery still owns the stage and it is running: a
+    # stage already committed done can never be failed afterwards.
+    which = stage_is(job_id, stage) if attempt is None else fenced(job_id, stage, attempt)
     failed = conn.execute(
         update(runs)
         .where(which)
@@ -218,7 +218,7 @@ def requeue_stage(conn: Conn, job_id: str, stage: str, attempt: int, reason: str
         .values(
             status=StageStatus.QUEUED,
             queued_at=func.now(),
-            error_code="TRANSIENT",
+            error_code=TransientError.code,
             error_message=reason,
         )
     )

@@ -13,7 +13,7 @@ import boto3
 from botocore.config import Config as BotoConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from farm.errors import ArtifactMissing, StorageError
+from farm.errors import ArtifactMissing, StorageError, StorageRefused
 from farm.local.procs import GRPC_OFFSET, HOST, START_TIMEOUT, Json, binary, fail, spawn
 from farm.local.server import Server
 from farm.storage.s3 import S3Store
@@ -91,7 +91,7 @@ class S3Server(Server):
         )
         try:
             store.ensure_bucket()
-        except StorageError as exc:
+        except (StorageError, StorageRefused) as exc:
             raise fail(f"s3: cannot create bucket {BUCKET!r}: {exc}") from exc
         self._wait_writable(store)
 
@@ -112,7 +112,7 @@ class S3Server(Server):
                 store.get(HEALTH_KEY)
                 store.delete(HEALTH_KEY)
                 return
-            except (StorageError, ArtifactMissing) as exc:
+            except (StorageError, StorageRefused, ArtifactMissing) as exc:  # weed warming up
                 if time.monotonic() > deadline:
                     raise fail(f"s3 takes no writes: {exc}; see {self.log_path()}") from exc
                 time.sleep(0.1)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from farm.errors import FarmError
 from farm.local.procs import kill_group, running_with, wait_until, write_private
 from farm.local.workers import ROLES, WorkerProcess, start_worker
 
@@ -92,11 +93,13 @@ class Supervisor:
                 return 1
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, self._on_signal)
-            self._begin()
-            while not self.stopping:
-                self._tick(time.monotonic())
-                time.sleep(POLL)
-            self._stop_all()
+            try:
+                self._begin()
+                while not self.stopping:
+                    self._tick(time.monotonic())
+                    time.sleep(POLL)
+            finally:
+                self._stop_all()
         return 0
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -125,7 +128,13 @@ class Supervisor:
         self._save()  # when something changed: a crash loop also ends by time passing
 
     def _start(self, slot: Slot, now: float) -> None:
-        worker = start_worker(slot.role, {}, self.data_dir / "logs")
+        try:
+            worker = start_worker(slot.role, {}, self.data_dir / "logs")
+        except (OSError, FarmError) as exc:  # could not even start it: a crash like any other
+            log.error("could not start a %s worker: %s", slot.role, exc)
+            slot.started = now
+            self._crashed(slot, now)
+            return
         slot.process, slot.adopted, slot.started = worker, False, now
         slot.name, slot.pid, slot.log_path = worker.name, worker.pid, str(worker.log_path)
         log.info("started %s worker %s (pid %d)", slot.role, slot.name, slot.pid)

@@ -22,7 +22,7 @@ from farm.pipelines import QUEUES
 from farm.storage import keys
 from farm.tasks.broker_scan import held_stages
 from farm.tasks.context import Context
-from farm.tasks.dispatch import BrokerSender, Sender
+from farm.tasks.dispatch import BrokerSender, Sender, send_or_leave
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +36,9 @@ def reconcile(ctx: Context, sender: Sender | None = None) -> list[tuple[str, str
 def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
     with session_scope(ctx.db_url) as s:
         dead = queries.expire_stale_stages(s, ctx.settings.lease_ttl)
-    for ref in dead:
+    for ref in dead:  # recorded queued now: one the broker cannot take is sent on a later pass
         log.warning("re-enqueueing %s/%s: its worker stopped beating", ref.job_id, ref.stage)
-        sender.send(ref.job_id, ref.pipeline, [ref.stage], ref.priority)
+        send_or_leave(sender, ref.job_id, ref.pipeline, [ref.stage], ref.priority)
     return [(ref.job_id, ref.stage) for ref in dead]
 
 

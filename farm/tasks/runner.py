@@ -16,7 +16,7 @@ from farm import stages as stage_ops
 from farm.db import stage_records
 from farm.db.session import transaction
 from farm.db.stage_records import BeginAction, Checkpoint, JobRow, Outcome
-from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed
+from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed, StageFailed
 from farm.params import RenderParams
 from farm.pipelines import StageSpec, get_pipeline
 from farm.storage import keys
@@ -113,7 +113,10 @@ class StageRun:
             self._live("release_lease", self.job_id, self.stage, self.token)
 
     def _execute_with_lease(self) -> str:
-        if self._begin() != BeginAction.RUN:
+        action = self._begin()
+        if action == BeginAction.CRASHED:
+            return "failed"
+        if action == BeginAction.SKIP:
             # A redelivered, finished stage: its first delivery may have died between commit
             # and send, so its successors' messages go out again (a duplicate is a no-op).
             dispatch.resend_ready(self.ctx, self.job_id, self.sender)
@@ -134,7 +137,7 @@ class StageRun:
             return "failed"
         except Exception as exc:
             log.exception("%s/%s crashed", self.job_id, self.stage)
-            self._fail("STAGE_FAILED", f"{self.stage} failed: {type(exc).__name__}: {exc}")
+            self._fail(StageFailed.code, f"{self.stage} failed: {type(exc).__name__}: {exc}")
             return "failed"
 
     def _run_and_commit(self) -> str:
@@ -225,10 +228,14 @@ class StageRun:
         return "done"
 
     def _hand_on(self, ready: tuple[str, ...]) -> None:
+        """The record is committed: nothing after this may fail the stage. Stages that cannot
+        be sent now stay recorded as queued, for the reconciler."""
+        if not ready:  # the rest waits on another branch still running
+            return
         job = self.job
         nxt = dispatch.plan(job.pipeline, ready, self.serves)
         self.continue_with = nxt.continue_with
-        self.sender.send(self.job_id, job.pipeline, nxt.send, job.priority)
+        dispatch.send_or_leave(self.sender, self.job_id, job.pipeline, nxt.send, job.priority)
         if not self.continue_with:  # a continued stage publishes its own start
             self._live("set_state", self.job_id, status="running", stage=ready[0], step=0)
 
