@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import base64
 import io
+import os
+import socket
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 from PIL import Image, ImageDraw
 
@@ -40,3 +49,52 @@ def wait_for_step(job, stage: str, step: int, timeout: float = 60) -> None:
         return p.stage == stage and p.step >= step
 
     wait_until(reached, timeout, f"{job.id} to reach {stage} step {step}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http(url: str, auth: str | None = None, method: str = "GET") -> tuple[int, str]:
+    request = urllib.request.Request(url, method=method)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+@contextmanager
+def running_flower(farm_env: dict[str, str], password: str, log_path: Path) -> Iterator[tuple]:
+    """`farm flower` with basic auth (user farm) as a user starts it: yields (base URL, the
+    process), stops it afterwards."""
+    port = free_port()
+    env = {**os.environ, **farm_env, "FARM_FLOWER_PASSWORD": password}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "farm", "flower", "--port", str(port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            wait_until(lambda: _answers(base), 60, "flower to listen")
+            yield base, proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _answers(base: str) -> bool:
+    try:
+        return http(base + "/")[0] in (200, 401)
+    except OSError:
+        return False

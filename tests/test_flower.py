@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 
 from farm.tasks import faults
-from tests.helpers import sample_png, wait_for_step, wait_until
-from tests.test_security import free_port, http
+from tests.helpers import http, running_flower, sample_png, wait_for_step, wait_until
 
 AUTH = "farm:flower-test-pw"
 GPU_STAGES = ("encode", "noise", "denoise", "decode")
@@ -24,33 +20,8 @@ QUIET_WINDOW_S = 10
 @pytest.fixture
 def flower(farm_env, tmp_path) -> Iterator[str]:
     """`farm flower` with basic auth; yields its base URL."""
-    port = free_port()
-    env = {**os.environ, **farm_env, "FARM_FLOWER_PASSWORD": AUTH.split(":", 1)[1]}
-    with open(tmp_path / "flower.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "farm", "flower", "--port", str(port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(lambda: _answers(base), 60, "flower to listen")
-            yield base
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
-
-
-def _answers(base: str) -> bool:
-    try:
-        return http(base + "/")[0] in (200, 401)
-    except OSError:
-        return False
+    with running_flower(farm_env, AUTH.split(":", 1)[1], tmp_path / "flower.log") as (base, _):
+        yield base
 
 
 def api(base: str, path: str) -> dict:

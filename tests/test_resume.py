@@ -50,22 +50,28 @@ def test_resume_failed_leaves_cancelled_jobs_unless_asked(farm, running, meta, t
     assert cancelled.wait(timeout=240).status == "done"
 
 
-def test_two_submitters_racing_on_one_key_get_the_same_job(farm, running) -> None:
-    key, image = "race-" + sample_png(hue=124).hex()[-16:], sample_png(hue=124)
-    barrier, jobs, errors = threading.Barrier(4), [], []
+def race(count: int, call) -> tuple[list, list[Exception]]:
+    """Run ``call`` in ``count`` threads released at the same instant: results and errors."""
+    barrier, results, errors = threading.Barrier(count), [], []
 
-    def submit() -> None:
+    def one() -> None:
         barrier.wait()
         try:
-            jobs.append(farm.submit(image, idempotency_key=key, **FAST).id)
-        except Exception as exc:  # a traceback here is what the test is about
+            results.append(call())
+        except Exception as exc:  # a traceback here is what the racing tests are about
             errors.append(exc)
 
-    threads = [threading.Thread(target=submit) for _ in range(4)]
+    threads = [threading.Thread(target=one) for _ in range(count)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return results, errors
+
+
+def test_two_submitters_racing_on_one_key_get_the_same_job(farm, running) -> None:
+    key, image = "race-" + sample_png(hue=124).hex()[-16:], sample_png(hue=124)
+    jobs, errors = race(4, lambda: farm.submit(image, idempotency_key=key, **FAST).id)
     assert errors == [] and len(set(jobs)) == 1
     assert farm.get(jobs[0]).wait(timeout=120).status == "done"
     inputs = [k for k in farm.ctx.store.list("jobs/") if k.endswith("/input")]
@@ -78,20 +84,7 @@ def test_two_submitters_of_one_folder_at_once_both_finish(farm, running, tmp_pat
     folder.mkdir()
     for hue in range(130, 136):
         (folder / f"{hue}.png").write_bytes(sample_png(32, hue=hue))
-    barrier, batches, errors = threading.Barrier(2), [], []
-
-    def submit() -> None:
-        barrier.wait()
-        try:
-            batches.append(farm.submit_folder(folder, size=32, steps=2, strength=1.0))
-        except Exception as exc:  # an IntegrityError traceback is what the test is about
-            errors.append(exc)
-
-    threads = [threading.Thread(target=submit) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    batches, errors = race(2, lambda: farm.submit_folder(folder, size=32, steps=2, strength=1.0))
     assert errors == [] and len(batches) == 2
     jobs = {j.id for batch in batches for j in batch.jobs()}
     assert len(jobs) == 6  # one job per input, whichever submitter recorded it

@@ -7,12 +7,9 @@ import base64
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -20,7 +17,7 @@ import pytest
 
 from farm.local.workers import start_worker, wait_ready
 from farm.tasks.app import app
-from tests.helpers import sample_png, wait_until
+from tests.helpers import http, running_flower, sample_png, wait_until
 
 
 class Pwned:
@@ -115,36 +112,8 @@ def test_signed_messages_run_and_unsigned_ones_are_refused(
         worker.stop()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http(url: str, auth: str | None = None, method: str = "GET") -> tuple[int, str]:
-    request = urllib.request.Request(url, method=method)
-    if auth:
-        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-
-
 def test_flower_requires_auth_and_shows_no_secret(stack, farm_env, farm, running, tmp_path):
-    port = free_port()
-    env = {**os.environ, **farm_env, "FARM_FLOWER_PASSWORD": "flower-sentinel-pw"}
-    log = open(tmp_path / "flower.log", "w")  # noqa: SIM115 -- closed in finally
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "farm", "flower", "--port", str(port)],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        wait_until(lambda: _answers(base), 60, "flower to listen")
+    with running_flower(farm_env, "flower-sentinel-pw", tmp_path / "flower.log") as (base, proc):
         job = farm.submit(sample_png(hue=17), size=64, steps=4)
         job.wait(timeout=120)
         assert http(base + "/")[0] == 401
@@ -161,17 +130,6 @@ def test_flower_requires_auth_and_shows_no_secret(stack, farm_env, farm, running
         for secret in secrets_of(stack):
             assert secret not in workers_json + tasks_json
         assert "flower-sentinel-pw" not in " ".join(proc.args)  # not visible in `ps`
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        log.close()
-
-
-def _answers(base: str) -> bool:
-    try:
-        return http(base + "/")[0] in (200, 401)
-    except OSError:
-        return False
 
 
 def secrets_of(stack) -> list[str]:
