@@ -18,7 +18,15 @@ from farm.config import Settings
 from farm.db import job_records
 from farm.db.models import JobStatus
 from farm.db.session import session_scope, transaction
-from farm.errors import DuplicateJob, FarmError, InvalidParameter, is_input_error
+from farm.errors import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    DuplicateJob,
+    FarmError,
+    InvalidParameter,
+    NotResumable,
+    is_input_error,
+)
 from farm.folder import submit_folder
 from farm.inputs import check_bytes, display_name, read_image_bytes
 from farm.job import Job, JobInfo
@@ -110,16 +118,33 @@ class Farm:
         return Job(self.ctx, job_queries.resolve_id(self.ctx, job_id))
 
     def resume(self, job_id: str) -> Job:
-        """Re-enqueue a failed or cancelled job from its first stage that is not done.
-        NotResumable for a job that is queued, running or done: resuming a running job would
-        throw its running stage's work away."""
+        """Re-enqueue a failed or cancelled job from its first stage that is not done, or a
+        done job whose stored output is gone or was changed from the stage that wrote it.
+        NotResumable for a job that is queued or running (resuming it would throw its running
+        stage's work away), or done with its output intact."""
+        job = Job(self.ctx, job_id)
+        if job.status() == JobStatus.DONE:
+            return self._render_output_again(job)
         with transaction(self.ctx.db_url) as conn:
             pipeline, priority, ready = job_records.prepare_resume(conn, job_id)
+        return self._send_reopened(job, pipeline, priority, ready)
+
+    def _render_output_again(self, job: Job) -> Job:
+        try:
+            job.result()
+        except (ArtifactMissing, ArtifactCorrupt) as exc:
+            with transaction(self.ctx.db_url) as conn:
+                pipeline, priority, ready = job_records.reopen_output(conn, job.id, exc)
+            return self._send_reopened(job, pipeline, priority, ready)
+        raise NotResumable(f"job {job.id} is done; there is nothing to resume.")
+
+    def _send_reopened(self, job: Job, pipeline: str, priority: int, ready: list[str]) -> Job:
+        job_id = job.id
         self.ctx.meta.clear_cancel(job_id)
         if ready:
             self.ctx.meta.set_state(job_id, status="queued", stage=ready[0], step=0)
             BrokerSender().send(job_id, pipeline, ready, priority)
-        return Job(self.ctx, job_id)
+        return job
 
     def resume_failed(self, batch_id: str | None = None, *, cancelled: bool = False) -> list[Job]:
         """Resume every failed job (of one batch, or all) whose input was fine; with

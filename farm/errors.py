@@ -6,9 +6,10 @@ carries one of the INPUT_* codes, which say what is wrong with the file).
      ├── InputError              (permanent: the job fails at once, never retried)
      │    ├── InvalidParameter   INVALID_PARAM
      │    ├── UnknownPipeline    UNKNOWN_PIPELINE
-     │    └── InvalidImage       INPUT_NOT_IMAGE, INPUT_CORRUPT, INPUT_TOO_LARGE,
-     │                           INPUT_TOO_SMALL, INPUT_BAD_ASPECT, INPUT_UNSUPPORTED,
-     │                           INPUT_OUTSIDE, INPUT_UNREADABLE
+     │    ├── InvalidImage       INPUT_NOT_IMAGE, INPUT_CORRUPT, INPUT_TOO_LARGE,
+     │    │                      INPUT_TOO_SMALL, INPUT_BAD_ASPECT, INPUT_UNSUPPORTED,
+     │    │                      INPUT_OUTSIDE, INPUT_UNREADABLE
+     │    └── InputMissing       INPUT_MISSING
      ├── TransientError          (a service is unreachable: retried with backoff)
      │    ├── StorageError       STORAGE_UNAVAILABLE
      │    ├── DatabaseError      DATABASE_UNAVAILABLE
@@ -91,6 +92,12 @@ class InvalidImage(InputError):
         if not code.startswith("INPUT_"):
             raise ValueError(f"an InvalidImage code starts with INPUT_, not {code!r}")
         self.code = code
+
+
+class InputMissing(InputError):
+    """The submitted input is gone from the store: the one artifact the farm cannot rebuild."""
+
+    code = "INPUT_MISSING"
 
 
 class TransientError(FarmError):

@@ -3,6 +3,7 @@ log), outputs written as jobs finish, a summary at the end."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections import Counter
@@ -18,7 +19,9 @@ from rich.text import Text
 from farm.api import Farm
 from farm.batch import Batch
 from farm.db.models import JobStatus
-from farm.job import Job, JobInfo, lost_runs, output_checksums
+from farm.errors import ArtifactCorrupt, ArtifactMissing, NotResumable
+from farm.job import Job, JobInfo, lost_runs, output_records
+from farm.storage.verified import read_recorded
 
 POLL_S = 0.5
 SHOWN_RUNNING = 4  # per-job lines under the overall bar
@@ -80,7 +83,9 @@ class Follower:
         # a job resumed meanwhile (by anyone) is followed again, its output saved again
         self.finished -= {j.id for j in jobs if not j.finished}
         new = [j for j in jobs if j.finished and j.id not in self.finished]
-        self._save([j for j in new if j.status == JobStatus.DONE], jobs)
+        rebuilding = self._save([j for j in new if j.status == JobStatus.DONE], jobs)
+        if rebuilding:  # queued again now: seen as unfinished until they are done again
+            jobs, new = self.batch.jobs(), [j for j in new if j.id not in rebuilding]
         self._tell_lost_runs(new)
         self.finished.update(j.id for j in new)
         return jobs, new
@@ -131,17 +136,27 @@ class Follower:
         output, written = self.saved[job.id]
         return f"done {_name(job)} -> {output}{'' if written else ' (unchanged)'}"
 
-    def _save(self, done: list[JobInfo], jobs: list[JobInfo]) -> None:
+    def _save(self, done: list[JobInfo], jobs: list[JobInfo]) -> set[str]:
+        """Write the outputs of these done jobs. Returns the ids of those whose stored output
+        was gone or changed: they are rendering it again, and are followed until they are."""
         if not done:
-            return
+            return set()
         names = output_names([_name(j) for j in jobs])
-        checksums = output_checksums(self.farm.ctx, [j.id for j in done])
-        store = self.farm.ctx.store
+        records = output_records(self.farm.ctx, [j.id for j in done])
+        store, rebuilding = self.farm.ctx.store, set()
         for job in done:
-            output = names[_name(job)]
-            fetch = partial(store.get, job.output_key)
-            written = save_output(self.out_dir / output, checksums.get(job.id), fetch)
+            output, record = names[_name(job)], records[job.id]
+            fetch = partial(read_recorded, store, record)
+            try:
+                written = save_output(self.out_dir / output, record.checksum, fetch)
+            except (ArtifactMissing, ArtifactCorrupt) as exc:
+                self._plain(f"{_name(job)}: {exc.message} Rendering it again.")
+                with contextlib.suppress(NotResumable):  # another client got there first
+                    self.farm.resume(job.id)
+                rebuilding.add(job.id)
+                continue
             self.saved[job.id] = output, written
+        return rebuilding
 
     def _tell_lost_runs(self, new: list[JobInfo]) -> None:
         """One line per job whose worker died mid-stage (the stage was sent again)."""

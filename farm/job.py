@@ -18,8 +18,10 @@ from farm.db.job_records import get_job
 from farm.db.models import TERMINAL, JobStatus, StageRun
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
-from farm.errors import JobNotFound, NotDone
+from farm.errors import ArtifactCorrupt, ArtifactMissing, JobNotFound, NotDone
 from farm.pipelines import get_pipeline
+from farm.storage.base import ArtifactStore
+from farm.storage.verified import Recorded, read_recorded
 from farm.tasks.context import Context
 from farm.waiting import on_change, poll_until
 
@@ -40,6 +42,7 @@ class StageInfo:
     status: str
     attempts: int
     lost_runs: int  # deliveries whose worker died mid-stage; the stage was sent again
+    rebuilds: int  # times it ran again, once done, because its checkpoint was gone or changed
     worker: str | None
     duration_s: float | None
     artifact_key: str | None
@@ -137,11 +140,13 @@ class Job:
         )
 
     def result(self) -> bytes:
-        """The output PNG's bytes; NotDone if the job is not done."""
+        """The output PNG's bytes, checked against its record; NotDone if the job is not done,
+        ArtifactMissing or ArtifactCorrupt if the stored output is gone or was changed."""
         info = self.info()
-        if info.status != JobStatus.DONE or not info.output_key:
+        record = output_records(self.ctx, [self.id]).get(self.id)
+        if info.status != JobStatus.DONE or record is None:
             raise NotDone(f"job {self.id} is {info.status}, it has no output")
-        return self.ctx.store.get(info.output_key)
+        return read_output(self.ctx.store, record)
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -183,15 +188,30 @@ def list_jobs(
         return [job_info(row) for row in s.scalars(query)]
 
 
-def output_checksums(ctx: Context, job_ids: list[str]) -> dict[str, str]:
-    """sha256 of each done job's output, from the record of the stage that wrote it."""
+def output_records(ctx: Context, job_ids: list[str]) -> dict[str, Recorded]:
+    """Each done job's output as the record of the stage that wrote it describes it."""
     query = (
-        select(StageRun.job_id, StageRun.checksum)
+        select(
+            StageRun.job_id,
+            StageRun.stage,
+            StageRun.artifact_key,
+            StageRun.artifact_size,
+            StageRun.checksum,
+        )
         .join(JobRow, JobRow.id == StageRun.job_id)
         .where(StageRun.job_id.in_(job_ids), StageRun.artifact_key == JobRow.output_key)
     )
     with session_scope(ctx.db_url) as s:
-        return {job_id: checksum for job_id, checksum in s.execute(query) if checksum}
+        return {row.job_id: Recorded(*row) for row in s.execute(query)}
+
+
+def read_output(store: ArtifactStore, record: Recorded) -> bytes:
+    """A job's output, if it is the one recorded; the errors say how to get it back."""
+    try:
+        return read_recorded(store, record)
+    except (ArtifactMissing, ArtifactCorrupt) as exc:
+        hint = f" `farm resume {record.job_id}` renders it again."
+        raise type(exc)(exc.message + hint) from exc
 
 
 def lost_runs(ctx: Context, job_ids: list[str]) -> dict[str, dict[str, int]]:
@@ -258,6 +278,7 @@ def _stage_info(run) -> StageInfo:
         status=run.status,
         attempts=run.attempts,
         lost_runs=run.lost_runs,
+        rebuilds=run.rebuilds,
         worker=run.worker,
         duration_s=run.duration_s,
         artifact_key=run.artifact_key,

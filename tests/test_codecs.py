@@ -6,12 +6,7 @@ import pytest
 import torch
 
 from farm.errors import FarmError
-from farm.storage.codecs import (
-    MAGIC,
-    decode_tensors,
-    encode_tensors,
-    sha256_hex,
-)
+from farm.storage.codecs import MAGIC, decode_tensors, encode_tensors
 
 
 def assert_same(decoded: dict[str, torch.Tensor], original: dict[str, torch.Tensor]) -> None:
@@ -89,7 +84,3 @@ def test_damaged_checkpoint_is_artifact_corrupt() -> None:
 def test_non_tensor_values_are_refused() -> None:
     with pytest.raises(TypeError, match="steps"):
         encode_tensors({"steps": 30})  # type: ignore[dict-item]
-
-
-def test_sha256_hex() -> None:
-    assert sha256_hex(b"") == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"

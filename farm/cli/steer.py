@@ -38,6 +38,11 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
                 f"[yellow]{s.name}[/]: its worker died {s.lost_runs} time(s) mid-stage; "
                 "the stage was sent again"
             )
+        if s.rebuilds:
+            console.print(
+                f"[yellow]{s.name}[/]: ran again {s.rebuilds} time(s) after it was done, "
+                "because a later stage found its checkpoint gone or changed"
+            )
     table = Table("stage", "queue", "status", "attempts", "lost", "worker", "duration", "artifact")
     for s in stages:
         duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""

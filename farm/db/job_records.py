@@ -10,7 +10,16 @@ from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageStatus
-from farm.db.rows import Conn, jobs, lock_job, mark_queued, runs, stage_statuses, update_job
+from farm.db.rows import (
+    Conn,
+    jobs,
+    lock_job,
+    mark_queued,
+    queue_rebuild,
+    runs,
+    stage_statuses,
+    update_job,
+)
 from farm.errors import FarmError, JobNotFound, NotResumable
 from farm.pipelines import Pipeline, get_pipeline
 
@@ -94,6 +103,7 @@ def _stage_row(job_id: str, position: int, spec, queued: bool, now: datetime) ->
         "status": StageStatus.QUEUED if queued else StageStatus.PENDING,
         "attempts": 0,
         "lost_runs": 0,
+        "rebuilds": 0,
         "queued_at": now if queued else None,
     }
 
@@ -164,6 +174,30 @@ def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
     ready = [spec.name for spec in get_pipeline(pipeline_name).ready(done)]
     mark_queued(conn, job_id, ready)
     return pipeline_name, priority, ready
+
+
+def reopen_output(conn: Conn, job_id: str, error: FarmError) -> tuple[str, int, list[str]]:
+    """A done job whose stored output is gone or changed: the stage that wrote it goes back to
+    queued (and reads its own input, rebuilding further up if that is lost too). Returns the
+    pipeline, priority and the stage to send. NotResumable if the job is no longer done
+    (another client reopened it first)."""
+    status, pipeline_name, priority, output_key = lock_job(
+        conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority, jobs.c.output_key
+    )
+    if status != JobStatus.DONE:
+        raise NotResumable(f"job {job_id} is {status}; its output is being rendered again.")
+    query = select(runs.c.stage).where(runs.c.job_id == job_id, runs.c.artifact_key == output_key)
+    stage = conn.execute(query).scalar_one()
+    queue_rebuild(conn, job_id, stage, error)
+    update_job(
+        conn,
+        job_id,
+        status=JobStatus.QUEUED,
+        output_key=None,
+        current_stage=stage,
+        finished_at=None,
+    )
+    return pipeline_name, priority, [stage]
 
 
 def _check_resumable(job_id: str, status: str, stages: dict[str, str]) -> None:

@@ -128,6 +128,9 @@ class StageRun(Base):
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Deliveries that started and never finished (worker killed): the poison-message guard.
     lost_runs: Mapped[int] = mapped_column(Integer, default=0)
+    # Times the stage, once done, was run again because a later stage found its checkpoint
+    # gone or changed (farm.tasks.runner): a bound on rebuilding from a store that keeps losing.
+    rebuilds: Mapped[int] = mapped_column(Integer, default=0)
     worker: Mapped[str | None] = mapped_column(String(255))
     # When its message was last sent: the reconciler re-sends a queued stage whose message
     # the broker no longer holds (Redis lost it) once this is older than a grace period.

@@ -8,11 +8,13 @@ whose owner stopped beating: every worker write is fenced by its attempt, so it 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from farm.db.models import Job, StageRun, StageStatus
-from farm.errors import JobNotFound
+from farm.errors import FarmError, JobNotFound
 
 jobs, runs = Job.__table__, StageRun.__table__
 Conn = Connection | Session  # Core statements run on either
@@ -42,7 +44,7 @@ def mark_queued(conn: Conn, job_id: str, stages: list[str]) -> None:
     if stages:
         conn.execute(
             update(runs)
-            .where(runs.c.job_id == job_id, runs.c.stage.in_(stages))
+            .where(stage_in(job_id, stages))
             .values(
                 status=StageStatus.QUEUED,
                 queued_at=func.now(),
@@ -52,12 +54,32 @@ def mark_queued(conn: Conn, job_id: str, stages: list[str]) -> None:
         )
 
 
+def queue_rebuild(conn: Conn, job_id: str, stage: str, why: FarmError) -> None:
+    """A done stage whose checkpoint was found gone or changed: queued to run again, the
+    reason kept on its record, its rebuilds counted (its attempts go on from where they are)."""
+    conn.execute(
+        update(runs)
+        .where(stage_is(job_id, stage))
+        .values(
+            status=StageStatus.QUEUED,
+            queued_at=func.now(),
+            rebuilds=runs.c.rebuilds + 1,
+            error_code=why.code,
+            error_message=why.message,
+        )
+    )
+
+
 def update_job(conn: Conn, job_id: str, **values) -> None:
     conn.execute(update(jobs).where(jobs.c.id == job_id).values(**values))
 
 
 def stage_is(job_id: str, stage: str):
     return (runs.c.job_id == job_id) & (runs.c.stage == stage)
+
+
+def stage_in(job_id: str, stages: Iterable[str]):
+    return (runs.c.job_id == job_id) & runs.c.stage.in_(stages)
 
 
 def fenced(job_id: str, stage: str, attempt: int):

@@ -21,13 +21,18 @@ from farm.db.rows import (
     jobs,
     lock_job,
     mark_queued,
+    queue_rebuild,
     runs,
+    stage_in,
     stage_is,
     stage_statuses,
     update_job,
 )
-from farm.errors import JobNotFound, TransientError
+from farm.errors import FarmError, JobNotFound, TransientError
 from farm.pipelines import get_pipeline
+
+# A store that loses a rebuilt checkpoint this often is broken, not unlucky: fail the job then.
+MAX_REBUILDS = 3
 
 
 @dataclass(frozen=True)
@@ -60,6 +65,17 @@ class Begin:
     action: BeginAction
     attempt: int = 0
     job: JobRow | None = None
+    inputs: tuple[InputRecord, ...] = ()  # what the stages it reads recorded, when it runs
+
+
+@dataclass(frozen=True)
+class InputRecord:
+    """The checkpoint of a stage this one reads, as its record describes it."""
+
+    stage: str
+    key: str
+    size: int | None
+    checksum: str | None
 
 
 def begin_stage(
@@ -100,7 +116,17 @@ def begin_stage(
     )
     started = func.coalesce(jobs.c.started_at, func.now())
     update_job(conn, job_id, status=JobStatus.RUNNING, current_stage=stage, started_at=started)
-    return Begin(BeginAction.RUN, attempt=attempt, job=job)
+    inputs = input_records(conn, job_id, get_pipeline(job.pipeline).stage(stage).after)
+    return Begin(BeginAction.RUN, attempt=attempt, job=job, inputs=inputs)
+
+
+def input_records(conn: Conn, job_id: str, stages: tuple[str, ...]) -> tuple[InputRecord, ...]:
+    """The recorded checkpoints of ``stages``, in that order."""
+    if not stages:
+        return ()
+    query = select(runs.c.stage, runs.c.artifact_key, runs.c.artifact_size, runs.c.checksum)
+    rows = {row.stage: row for row in conn.execute(query.where(stage_in(job_id, stages)))}
+    return tuple(InputRecord(*rows[name]) for name in stages)
 
 
 def heartbeat(conn: Conn, job_id: str, stage: str, attempt: int) -> bool:
@@ -232,3 +258,57 @@ def cancel_stage(conn: Conn, job_id: str, stage: str, attempt: int) -> None:
         .where(fenced(job_id, stage, attempt))
         .values(status=StageStatus.CANCELLED, finished_at=func.now())
     )
+
+
+class Rebuild(StrEnum):
+    """What reopening a stage whose checkpoint was lost led to."""
+
+    SEND = "send"  # the producer is queued again: send it; the reader waits as pending
+    WAIT = "wait"  # the producer is already queued or running again (another reader)
+    GIVE_UP = "give-up"  # rebuilt too often: the store keeps losing it; fail the reader
+    FENCED_OUT = "fenced-out"  # the reader's delivery no longer owns its stage: do nothing
+
+
+def reopen_producer(
+    conn: Conn, job_id: str, stage: str, attempt: int, producer: str, error: FarmError
+) -> Rebuild:
+    """A running stage found ``producer``'s checkpoint gone or changed: the stage goes back to
+    pending, and the producer, done until now, to queued so that it runs again. Its record
+    keeps its attempts; ``rebuilds`` counts the reopenings (at most ``MAX_REBUILDS``)."""
+    lock_job(conn, job_id)
+    (rebuilds, status) = conn.execute(
+        select(runs.c.rebuilds, runs.c.status).where(stage_is(job_id, producer))
+    ).one()
+    if status == StageStatus.DONE and rebuilds >= MAX_REBUILDS:
+        return Rebuild.GIVE_UP
+    waiting = conn.execute(
+        update(runs)
+        .where(fenced(job_id, stage, attempt))
+        .values(
+            status=StageStatus.PENDING,
+            error_code=error.code,
+            error_message=f"{error.message} Waiting for {producer} to write it again.",
+        )
+    )
+    if waiting.rowcount != 1:
+        return Rebuild.FENCED_OUT
+    if status != StageStatus.DONE:
+        return Rebuild.WAIT
+    queue_rebuild(conn, job_id, producer, error)
+    update_job(conn, job_id, current_stage=producer)
+    return Rebuild.SEND
+
+
+def came_back(conn: Conn, job_id: str, stage: str, attempt: int) -> bool:
+    """A delivery that lost its stage (it stalled past its lease: SIGSTOP, a VM pause, a long
+    outage) turns out to be alive, so its worker did not crash: it is no longer counted
+    among the stage's lost deliveries. It was counted, exactly once, when the record moved on
+    from its attempt (the reconciler's expiry, or the next delivery's start). True if it was."""
+    lock_job(conn, job_id)
+    still_ours = (runs.c.status == StageStatus.RUNNING) & (runs.c.attempts == attempt)
+    result = conn.execute(
+        update(runs)
+        .where(stage_is(job_id, stage), runs.c.lost_runs > 0, ~still_ours)
+        .values(lost_runs=runs.c.lost_runs - 1)
+    )
+    return result.rowcount == 1

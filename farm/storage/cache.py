@@ -34,13 +34,17 @@ class CachedStore:
         self._remember(key, data)
 
     def get(self, key: str) -> bytes:
+        data = self.cached(key)
+        return data if data is not None else self.store.get(key)
+
+    def cached(self, key: str) -> bytes | None:
+        """What this process wrote under ``key``, if it still remembers it."""
         with self._lock:
             data = self._items.get(key)
             if data is not None:
                 self._items.move_to_end(key)
                 self.hits += 1
-                return data
-        return self.store.get(key)
+            return data
 
     def get_range(self, key: str, offset: int, size: int) -> bytes:
         return self.store.get_range(key, offset, size)  # packed inputs: read once, not cached

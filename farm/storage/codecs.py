@@ -1,4 +1,4 @@
-"""Bytes for the artifact store: tensor checkpoints and checksums.
+"""Bytes for the artifact store: tensor checkpoints.
 
 A tensor checkpoint is ``MAGIC`` followed by one zstd frame (with its content checksum) holding a
 safetensors file. safetensors never unpickles, so a checkpoint cannot run code when loaded; the
@@ -10,7 +10,6 @@ This module imports torch; ``farm.storage`` itself does not, so light processes 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 
 import torch
@@ -45,11 +44,6 @@ def decode_tensors(data: bytes) -> dict[str, torch.Tensor]:
         return load_safetensors(raw)
     except (SafetensorError, ValueError) as exc:
         raise ArtifactCorrupt(f"tensor checkpoint is unreadable: {exc}") from exc
-
-
-def sha256_hex(data: bytes) -> str:
-    """Hex SHA-256 of ``data``, for recording and checking artifacts end to end."""
-    return hashlib.sha256(data).hexdigest()
 
 
 def _prepare(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

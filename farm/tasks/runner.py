@@ -15,16 +15,35 @@ import uuid
 from farm import stages as stage_ops
 from farm.db import stage_records
 from farm.db.session import transaction
-from farm.db.stage_records import BeginAction, Checkpoint, JobRow, Outcome
-from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed, StageFailed
+from farm.db.stage_records import BeginAction, Checkpoint, InputRecord, JobRow, Outcome, Rebuild
+from farm.errors import (
+    ArtifactCorrupt,
+    ArtifactMissing,
+    FarmError,
+    InputMissing,
+    JobCancelled,
+    LeaseLost,
+    MetadataError,
+    StageCrashed,
+    StageFailed,
+)
 from farm.params import RenderParams
 from farm.pipelines import StageSpec, get_pipeline
 from farm.storage import keys
-from farm.storage.codecs import decode_tensors, encode_tensors, sha256_hex
+from farm.storage.codecs import decode_tensors, encode_tensors
+from farm.storage.verified import Recorded, read_recorded, sha256_hex
 from farm.tasks import dispatch, faults
 from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
+
+
+class InputLost(Exception):
+    """The checkpoint of ``producer``, which this stage reads, is gone or was changed."""
+
+    def __init__(self, producer: str, error: ArtifactMissing | ArtifactCorrupt) -> None:
+        super().__init__(str(error))
+        self.producer, self.error = producer, error
 
 
 class LeaseKeeper(threading.Thread):
@@ -98,6 +117,7 @@ class StageRun:
         self.keeper: LeaseKeeper | None = None
         self.continue_with: str | None = None
         self.job: JobRow | None = None  # once begun
+        self.inputs: tuple[InputRecord, ...] = ()  # once begun: the checkpoints it reads
         self._cancelled = False
 
     def execute(self) -> str:
@@ -126,8 +146,11 @@ class StageRun:
         except JobCancelled:
             self._record_cancel()
             return "cancelled"
+        except InputLost as lost:
+            return self._rebuild(lost)
         except LeaseLost as exc:
             log.warning("%s/%s: %s; dropping this delivery", self.job_id, self.stage, exc)
+            self._came_back()
             return "lease-lost"
         except FarmError as exc:
             if exc.retryable:  # a service is down: back to queued, Celery retries with backoff
@@ -161,7 +184,7 @@ class StageRun:
             begin = stage_records.begin_stage(
                 conn, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
             )
-        self.job = begin.job
+        self.job, self.inputs = begin.job, begin.inputs
         if begin.action == BeginAction.CRASHED:
             crash = StageCrashed(
                 f"{self.stage} killed its worker {begin.attempt} times; giving up. "
@@ -184,17 +207,36 @@ class StageRun:
         return op.run(inputs, params, model, Hooks(self))
 
     def _load_inputs(self, spec: StageSpec):
+        if not spec.after:
+            return self._submitted_input()
+        merged: dict = {}
+        for record in self.inputs:
+            merged.update(decode_tensors(self._read_checkpoint(record)))
+        return merged
+
+    def _submitted_input(self) -> bytes | None:
+        """The user's input: its own object or a range of a packed one. The one artifact the
+        farm cannot rebuild: when it is gone the job fails, saying so."""
         store, job = self.ctx.store, self.job
-        if not spec.after:  # the submitted input: its own object or a range of a packed one
-            if job.input_key is None:
-                return None
+        if job.input_key is None:
+            return None
+        try:
             if job.input_size is None:
                 return store.get(job.input_key)
             return store.get_range(job.input_key, job.input_offset or 0, job.input_size)
-        merged: dict = {}
-        for dep in spec.after:
-            merged.update(decode_tensors(store.get(keys.artifact_key(self.job_id, dep))))
-        return merged
+        except ArtifactMissing as exc:
+            raise InputMissing(
+                f"The input of job {self.job_id} ({job.input_key}) is gone from the store; "
+                "submit the file again."
+            ) from exc
+
+    def _read_checkpoint(self, record: InputRecord) -> bytes:
+        key = record.key or keys.artifact_key(self.job_id, record.stage)
+        recorded = Recorded(self.job_id, record.stage, key, record.size, record.checksum)
+        try:
+            return read_recorded(self.ctx.store, recorded)
+        except (ArtifactMissing, ArtifactCorrupt) as exc:
+            raise InputLost(record.stage, exc) from exc
 
     def _model(self):
         from farm.models import load_model  # torch + diffusers: GPU role only
@@ -239,6 +281,25 @@ class StageRun:
         if not self.continue_with:  # a continued stage publishes its own start
             self._live("set_state", self.job_id, status="running", stage=ready[0], step=0)
 
+    def _rebuild(self, lost: InputLost) -> str:
+        """Re-run the stage that wrote the lost checkpoint; this one runs again after it (and
+        so on up the pipeline, should that stage find its own input lost too)."""
+        log.warning("%s/%s: %s; running %s again", self.job_id, self.stage, lost, lost.producer)
+        with transaction(self.ctx.db_url) as conn:
+            rebuild = stage_records.reopen_producer(
+                conn, self.job_id, self.stage, self.attempt, lost.producer, lost.error
+            )
+        if rebuild == Rebuild.GIVE_UP:
+            message = (
+                f"{lost.error.message} It was rebuilt {stage_records.MAX_REBUILDS} times and "
+                "lost again: check the object store, then `farm resume`."
+            )
+            self._fail(lost.error.code, message)
+            return "failed"
+        if rebuild == Rebuild.SEND:
+            self._hand_on((lost.producer,))
+        return "rebuild"
+
     def _live(self, method: str, *args, **kwargs):
         """Live metadata is best-effort: Redis holds nothing Postgres cannot rebuild, so a
         Redis outage must not fail a render."""
@@ -256,6 +317,15 @@ class StageRun:
         with transaction(self.ctx.db_url) as conn:
             stage_records.cancel_stage(conn, self.job_id, self.stage, self.attempt)
         self._live("finish", self.job_id, "cancelled")
+
+    def _came_back(self) -> None:
+        """This delivery stalled and was taken for dead; it was not: un-count it, so that
+        stalls never add up to the crash limit (farm.db.stage_records.came_back)."""
+        try:
+            with transaction(self.ctx.db_url) as conn:
+                stage_records.came_back(conn, self.job_id, self.stage, self.attempt)
+        except FarmError as exc:
+            log.warning("%s/%s: could not un-count a stall: %s", self.job_id, self.stage, exc)
 
     def _requeue(self, reason: str) -> None:
         try:
