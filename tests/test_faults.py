@@ -8,7 +8,9 @@ After every fault the invariants hold (DESIGN invariants; README, Reliability):
 
 from __future__ import annotations
 
+import signal
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from sqlalchemy import select
 from farm.db.models import Batch as BatchRow
 from farm.db.models import Job
 from farm.db.session import session_scope
+from farm.local.procs import kill_group
 from farm.pipelines import get_pipeline
 from farm.storage import keys
 from farm.tasks import faults
@@ -78,6 +81,55 @@ def test_cpu_worker_killed_mid_postprocess(farm, running, workers, meta) -> None
     workers.start("cpu")
     assert_invariants(farm, [job], {job.id: expected})
     assert stage_of(job, "postprocess").attempts == 2
+
+
+def is_running(job, stage: str, attempt: int) -> bool:
+    run = stage_of(job, stage)
+    return (run.attempts, run.status) == (attempt, "running")
+
+
+def freeze(worker, seconds_past_takeover: float, job) -> None:
+    """SIGSTOP the whole worker until the reconciler has taken its stage for dead, then
+    continue it: a GC pause, a VM migration, a laptop lid."""
+    kill_group(worker.pid, signal.SIGSTOP)
+    try:
+        wait_until(lambda: stage_of(job, "denoise").status == "queued", 60, "the takeover")
+        time.sleep(seconds_past_takeover)
+    finally:
+        kill_group(worker.pid, signal.SIGCONT)
+
+
+def test_three_stalls_past_the_lease_are_not_a_crash(farm, running, workers, meta) -> None:
+    expected = reference(farm, 92, PARAMS)
+    job = farm.submit(sample_png(hue=92), **PARAMS)
+    faults.arm(meta, job.id, "denoise", "step", "stall:0.5")  # every step of every delivery
+    gpu = workers.of("gpu")[0]
+    for stall in range(3):  # the crash limit of the test settings (FARM_MAX_DELIVERIES=3)
+        running_attempt = partial(is_running, job, "denoise", stall + 1)
+        wait_until(running_attempt, 120, f"denoise attempt {stall + 1}")
+        freeze(gpu, 1.0, job)
+    wait_until(lambda: stage_of(job, "denoise").attempts == 4, 60, "the fourth delivery")
+    faults.disarm(meta, job.id, "denoise", "step")
+    assert_invariants(farm, [job], {job.id: expected})
+    denoise = stage_of(job, "denoise")
+    assert (denoise.attempts, denoise.lost_runs) == (4, 0)  # taken over thrice, never lost
+
+
+def test_a_postgres_outage_longer_than_the_lease_leaves_a_running_stage_alone(
+    farm, running, meta, local_stack, settings
+) -> None:
+    expected = reference(farm, 93, PARAMS)
+    job = farm.submit(sample_png(hue=93), **PARAMS)
+    faults.arm(meta, job.id, "denoise", "step", "stall:0.5")
+    wait_until(lambda: stage_of(job, "denoise").status == "running", 120, "denoise")
+    local_stack.stop_service("postgres")
+    time.sleep(2 * settings.lease_ttl)  # its Postgres heartbeat is stale; its Redis lease is not
+    local_stack.start_service("postgres")
+    time.sleep(3 * settings.reconcile_interval)  # passes of the reconciler
+    faults.disarm(meta, job.id, "denoise", "step")
+    assert_invariants(farm, [job], {job.id: expected})
+    denoise = stage_of(job, "denoise")
+    assert (denoise.attempts, denoise.lost_runs) == (1, 0)
 
 
 @pytest.mark.parametrize("point", ["upload", "commit"])

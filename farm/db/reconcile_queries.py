@@ -23,16 +23,37 @@ class StageRef:
     priority: int
 
 
-def expire_stale_stages(session: Session, ttl_s: float) -> list[StageRef]:
-    """Stages whose worker stopped beating (database clock): back to queued, counted as lost."""
+def stale_stages(session: Session, ttl_s: float) -> list[tuple[str, str, int]]:
+    """Running stages of running jobs that have not beaten for ``ttl_s`` (database clock):
+    (job_id, stage, attempt) of each."""
     cutoff = func.now() - timedelta(seconds=ttl_s)
-    rows = session.execute(
-        update(StageRun)
+    query = (
+        select(StageRun.job_id, StageRun.stage, StageRun.attempts)
+        .join(Job, Job.id == StageRun.job_id)
         .where(StageRun.status == StageStatus.RUNNING, StageRun.heartbeat_at < cutoff)
-        .where(StageRun.job_id.in_(select(Job.id).where(Job.status == JobStatus.RUNNING)))
-        .values(status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1, queued_at=func.now())
-        .returning(StageRun.job_id, StageRun.stage)
-    ).all()
+        .where(Job.status == JobStatus.RUNNING)
+    )
+    return [tuple(row) for row in session.execute(query)]
+
+
+def expire_stages(
+    session: Session, ttl_s: float, stale: list[tuple[str, str, int]]
+) -> list[StageRef]:
+    """Back to queued, counted as lost: those of these stages that are still the same attempt
+    and still not beating (fenced by both, so a delivery that beat meanwhile keeps its stage)."""
+    cutoff = func.now() - timedelta(seconds=ttl_s)
+    rows = []
+    for job_id, stage, attempt in stale:
+        rows += session.execute(
+            update(StageRun)
+            .where(StageRun.job_id == job_id, StageRun.stage == stage)
+            .where(StageRun.attempts == attempt, StageRun.status == StageStatus.RUNNING)
+            .where(StageRun.heartbeat_at < cutoff)
+            .values(
+                status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1, queued_at=func.now()
+            )
+            .returning(StageRun.job_id, StageRun.stage)
+        ).all()
     return _refs(session, rows)
 
 

@@ -126,6 +126,14 @@ class Metadata:
     def release_lease(self, job_id: str, stage: str, token: str) -> None:
         self._release(keys=[keys.stage_lease(job_id, stage)], args=[token])
 
+    @_mapped
+    def held_leases(self, stages: list[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which of these (job_id, stage) pairs a running delivery still holds the lease of."""
+        pipe = self.redis.pipeline(transaction=False)
+        for job_id, stage in stages:
+            pipe.exists(keys.stage_lease(job_id, stage))
+        return {pair for pair, held in zip(stages, pipe.execute(), strict=True) if held}
+
     # -- workers -------------------------------------------------------------------------------
 
     @_mapped

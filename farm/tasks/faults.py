@@ -2,7 +2,9 @@
 
 A test arms a fault in Redis for one (job, stage, point); the worker consumes it once:
 ``fail`` raises StageFailed, ``transient`` a retryable StorageError (a service hiccup),
-``kill`` SIGKILLs the worker process, ``sleep:N`` stalls.
+``kill`` SIGKILLs the worker process, ``sleep:N`` stalls. ``stall:N`` stalls every time the
+point is reached, by any delivery, until the test disarms it: a stage slowed down for as long
+as a test needs it running.
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
     if not ENABLED:
         return
     try:
-        action = meta.redis.getdel(fault_key(job_id, stage, point))
+        key = fault_key(job_id, stage, point)
+        action = meta.redis.get(key)
+        if action and not action.startswith("stall:"):
+            action = meta.redis.getdel(key)  # one-shot; a racing reader may have taken it
     except redis.RedisError:
         return  # a test hook must never be the fault itself
     if action == "fail":
@@ -43,5 +48,9 @@ def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
         raise StorageError(f"injected transient fault at {stage}/{point}")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
-    if action and action.startswith("sleep:"):
+    if action and action.startswith(("sleep:", "stall:")):
         time.sleep(float(action.split(":", 1)[1]))
+
+
+def disarm(meta: Metadata, job_id: str, stage: str, point: str) -> None:
+    meta.redis.delete(fault_key(job_id, stage, point))

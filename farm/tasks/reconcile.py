@@ -1,9 +1,10 @@
 """The reconciler: re-enqueue work that would otherwise never finish.
 
-1. Dead workers. A running stage beats every lease_ttl/3 seconds. When its beats stop for
-   lease_ttl seconds (database clock, so worker clock skew does not matter), its worker is
-   presumed dead and the stage is sent again, without waiting for the broker's visibility
-   timeout.
+1. Dead workers. A running stage beats every lease_ttl/3 seconds, in Postgres and (its lease)
+   in Redis. When its Postgres beats stop for lease_ttl seconds (database clock, so worker
+   clock skew does not matter) and its Redis lease has lapsed too, its worker is presumed dead
+   and the stage is sent again, without waiting for the broker's visibility timeout. A lease
+   still held means a live delivery that cannot reach Postgres for a while: it is left alone.
 2. Lost messages. A stage recorded as queued for a while whose message the broker no longer
    holds (Redis restarted without persistence, a publish failed half-way) is sent again.
    Duplicates are harmless: a stage already running or done ignores a second message.
@@ -18,6 +19,7 @@ import logging
 
 from farm.db import reconcile_queries as queries
 from farm.db.session import session_scope, transaction
+from farm.errors import MetadataError
 from farm.pipelines import QUEUES
 from farm.storage import keys
 from farm.tasks.broker_scan import held_stages
@@ -34,12 +36,28 @@ def reconcile(ctx: Context, sender: Sender | None = None) -> list[tuple[str, str
 
 
 def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
+    ttl = ctx.settings.lease_ttl
     with session_scope(ctx.db_url) as s:
-        dead = queries.expire_stale_stages(s, ctx.settings.lease_ttl)
+        stale = queries.stale_stages(s, ttl)
+    if not stale:
+        return []
+    alive = _leases_held(ctx, [(job_id, stage) for job_id, stage, _ in stale])
+    with session_scope(ctx.db_url) as s:
+        dead = queries.expire_stages(s, ttl, [r for r in stale if (r[0], r[1]) not in alive])
     for ref in dead:  # recorded queued now: one the broker cannot take is sent on a later pass
         log.warning("re-enqueueing %s/%s: its worker stopped beating", ref.job_id, ref.stage)
         send_or_leave(sender, ref.job_id, ref.pipeline, [ref.stage], ref.priority)
     return [(ref.job_id, ref.stage) for ref in dead]
+
+
+def _leases_held(ctx: Context, stages: list[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Stages whose delivery still renews its Redis lease; none known when Redis is down
+    (the Postgres heartbeat alone decides then, as it must when Redis is gone for good)."""
+    try:
+        return ctx.meta.held_leases(stages)
+    except MetadataError as exc:
+        log.warning("cannot read stage leases (%s); judging by Postgres heartbeats alone", exc)
+        return set()
 
 
 def resend_lost(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
