@@ -369,7 +369,7 @@ class TestMakeStore:
         urls = {
             "broker_url": "redis://h",
             "redis_url": "redis://h",
-            "database_url": "postgresql://h",
+            "database_url": "postgresql+psycopg2://h",
         }
         return Settings(_env_file=None, **urls, **values)
 
