@@ -9,7 +9,6 @@ job.save("cat-out.png")
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from farm import job as job_queries
@@ -18,7 +17,7 @@ from farm.config import Settings
 from farm.db import job_records
 from farm.db.models import JobStatus
 from farm.db.session import session_scope, transaction
-from farm.errors import DuplicateJob, FarmError, InvalidParameter, is_input_error
+from farm.errors import DuplicateJob, InvalidParameter, is_input_error
 from farm.folder import submit_folder
 from farm.inputs import check_bytes, display_name, read_image_bytes
 from farm.job import Job, JobInfo
@@ -29,6 +28,7 @@ from farm.storage import keys
 from farm.tasks.app import configure
 from farm.tasks.context import Context
 from farm.tasks.dispatch import BrokerSender
+from farm.withdrawal import Withdrawal, check_servers, tell
 
 
 class Farm:
@@ -67,12 +67,11 @@ class Farm:
             render.img2img_steps()
         _check_priority(priority)
         data, name = _read_input(image) if spec.needs_input else (None, None)
+        check_servers(self.ctx)  # before anything is written, so a failure leaves nothing
         if idempotency_key and (existing := self._find(idempotency_key)):
             return existing
         job_id = job_records.new_id()
         input_key = keys.input_key(job_id) if data is not None else None
-        if input_key:
-            self.ctx.store.put(input_key, data)
         new = job_records.NewJob(
             pipeline=spec.name,
             params=render.to_dict(),
@@ -82,22 +81,29 @@ class Farm:
             idempotency_key=idempotency_key,
             job_id=job_id,
         )
+        written = Withdrawal(self.ctx)
         try:
-            return self._record_and_send(new)
+            self._write(new, data, written)
         except DuplicateJob:  # another submitter recorded the same key first: theirs wins
-            if input_key:
-                with contextlib.suppress(FarmError):
-                    self.ctx.store.delete(input_key)
+            written.take_back()  # what is left, if anything, is an input for `farm gc`
             return self._find(idempotency_key)
+        except Exception as exc:
+            tell(exc, written.take_back() or "nothing was submitted")
+            raise
+        return Job(self.ctx, job_id)
 
-    def _record_and_send(self, new: job_records.NewJob) -> Job:
+    def _write(self, new: job_records.NewJob, data: bytes | None, written: Withdrawal) -> None:
+        """Upload the input, record the job and its stage records (first ones queued), send."""
         pipeline = get_pipeline(new.pipeline)
         first = [spec.name for spec in pipeline.ready(())]
-        with transaction(self.ctx.db_url) as conn:  # the job and its stage records, first queued
+        if new.input_key:
+            written.keys.append(new.input_key)
+            self.ctx.store.put(new.input_key, data)
+        with transaction(self.ctx.db_url) as conn:
             job_records.insert_jobs(conn, pipeline, [new], failures={})
+        written.job_ids.append(new.job_id)
         self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
         BrokerSender().send(new.job_id, new.pipeline, first, new.priority)
-        return Job(self.ctx, new.job_id)
 
     def _find(self, idempotency_key: str) -> Job | None:
         with session_scope(self.ctx.db_url) as s:

@@ -59,6 +59,11 @@ class FarmError(Exception):
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
 
+    def add_detail(self, sentence: str) -> None:
+        """Append what the user should know besides, e.g. what a failed command left behind."""
+        self.message = f"{self.message}; {sentence}"
+        self.args = (self.message,)
+
 
 class ConfigError(FarmError):
     """A setting, option or argument is missing or malformed."""

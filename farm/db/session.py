@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -63,6 +63,12 @@ def transaction(url: str) -> Iterator[Connection]:
     CPU than the statements themselves)."""
     with _unreachable_is_transient(), get_engine(url).begin() as conn:
         yield conn
+
+
+def check_database(url: str) -> None:
+    """Log in and run one statement: ``DatabaseAuthError`` or ``DatabaseError`` if that fails."""
+    with transaction(url) as conn:
+        conn.execute(text("SELECT 1"))
 
 
 # The one unique constraint two honest submitters can race on (naming convention in models).

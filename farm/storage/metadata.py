@@ -105,6 +105,12 @@ class Metadata:
         pipe.expire(keys.cancel_flag(job_id), keys.FINISHED_JOB_TTL)
         pipe.execute()
 
+    @_mapped
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Drop the live keys of jobs withdrawn before they were sent."""
+        if job_ids:
+            self.redis.delete(*(keys.job_state(job_id) for job_id in job_ids))
+
     # -- cancel --------------------------------------------------------------------------------
 
     @_mapped

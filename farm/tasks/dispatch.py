@@ -133,6 +133,21 @@ def send_stage(
         raise _broker_error(exc) from exc
 
 
+def check_broker() -> None:
+    """Connect to the broker (riding out a blip, not a refused password), so that a submit
+    fails before it records anything."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(errback=_stop_if_refused, **RETRY_POLICY)
+    except _BROKER_DOWN as exc:
+        raise _broker_error(exc) from exc
+
+
+def _stop_if_refused(exc: Exception, _interval: float) -> None:
+    if _refused(exc):
+        raise exc
+
+
 def _broker_error(exc: BaseException) -> FarmError:
     """The farm's error for a failed connect or send: refused credentials, else unavailable."""
     if _refused(exc):
