@@ -16,7 +16,15 @@ from farm import stages as stage_ops
 from farm.db import stage_records
 from farm.db.session import transaction
 from farm.db.stage_records import BeginAction, Checkpoint, JobRow, Outcome
-from farm.errors import FarmError, JobCancelled, LeaseLost, MetadataError, StageCrashed, StageFailed
+from farm.errors import (
+    FarmError,
+    JobCancelled,
+    LeaseLost,
+    MetadataError,
+    RedisAuthError,
+    StageCrashed,
+    StageFailed,
+)
 from farm.params import RenderParams
 from farm.pipelines import StageSpec, get_pipeline
 from farm.storage import keys
@@ -241,10 +249,10 @@ class StageRun:
 
     def _live(self, method: str, *args, **kwargs):
         """Live metadata is best-effort: Redis holds nothing Postgres cannot rebuild, so a
-        Redis outage must not fail a render."""
+        Redis outage, or a Redis that stopped taking our password, must not fail a render."""
         try:
             return getattr(self.ctx.meta, method)(*args, **kwargs)
-        except MetadataError as exc:
+        except (MetadataError, RedisAuthError) as exc:
             log.debug("live metadata skipped (%s): %s", method, exc)
             return None
 
