@@ -201,12 +201,13 @@ def resend_ready(ctx: Context, job_id: str, sender: Sender) -> list[str]:
 def send_or_leave(
     sender: Sender, job_id: str, pipeline: str, stages: Iterable[str], priority: int, **kw
 ) -> bool:
-    """Send, or leave the stages to the reconciler if the broker is down (they stay recorded
-    as queued). True if sent."""
+    """Send, or leave the stages to the reconciler if the broker is down or refuses this
+    process's login (they stay recorded as queued; nothing after a commit may fail its stage).
+    True if sent."""
     stages = list(stages)
     try:
         sender.send(job_id, pipeline, stages, priority, **kw)
-    except TransientError as exc:
+    except (TransientError, BrokerAuthError) as exc:
         log.warning("%s %s not sent (%s); the reconciler will send them", job_id, stages, exc)
         return False
     return True
