@@ -38,6 +38,7 @@ class Farm:
         self.settings = settings
         self.ctx = Context(settings)
         configure(settings)
+        self._servers_checked = False
 
     @classmethod
     def from_env(cls) -> Farm:
@@ -67,7 +68,10 @@ class Farm:
             render.img2img_steps()
         _check_priority(priority)
         data, name = _read_input(image) if spec.needs_input else (None, None)
-        check_servers(self.ctx)  # before anything is written, so a failure leaves nothing
+        # Before the first write, so a wrong setting leaves nothing. Once per Farm: it costs
+        # about as much as a submit, and a server failing later is caught by the withdrawal.
+        if not self._servers_checked:
+            self.check_servers()
         if idempotency_key and (existing := self._find(idempotency_key)):
             return existing
         job_id = job_records.new_id()
@@ -104,6 +108,12 @@ class Farm:
         written.job_ids.append(new.job_id)
         self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
         BrokerSender().send(new.job_id, new.pipeline, first, new.priority)
+
+    def check_servers(self) -> None:
+        """Raise unless Postgres, Redis, the broker and the artifact store each answer and
+        take our credentials (the first one that does not raises its error)."""
+        check_servers(self.ctx)
+        self._servers_checked = True
 
     def _find(self, idempotency_key: str) -> Job | None:
         with session_scope(self.ctx.db_url) as s:

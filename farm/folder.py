@@ -32,7 +32,7 @@ from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
 from farm.storage import keys
 from farm.tasks.dispatch import send_many
-from farm.withdrawal import Withdrawal, check_servers, tell
+from farm.withdrawal import Withdrawal, tell
 
 if TYPE_CHECKING:
     from farm.api import Farm
@@ -68,7 +68,7 @@ class FolderSubmission:
     def run(self, folder: str | Path, recursive: bool) -> Batch:
         base = Path(folder).expanduser().resolve()
         files = scan_folder(base, recursive)
-        check_servers(self.farm.ctx)  # before anything is written, so a failure leaves nothing
+        self.farm.check_servers()  # before anything is written, so a failure leaves nothing
         with session_scope(self.farm.ctx.db_url) as s:
             settings = {**self._params, "pipeline": self.pipeline.name}
             self.batch_id = job_records.create_batch(s, str(base), settings).id
