@@ -9,7 +9,6 @@ job.save("cat-out.png")
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 from farm import job as job_queries
@@ -22,7 +21,6 @@ from farm.errors import (
     ArtifactCorrupt,
     ArtifactMissing,
     DuplicateJob,
-    FarmError,
     InvalidParameter,
     NotResumable,
     is_input_error,
@@ -37,6 +35,7 @@ from farm.storage import keys
 from farm.tasks.app import configure
 from farm.tasks.context import Context
 from farm.tasks.dispatch import BrokerSender
+from farm.withdrawal import Withdrawal, check_servers, tell
 
 
 class Farm:
@@ -46,6 +45,7 @@ class Farm:
         self.settings = settings
         self.ctx = Context(settings)
         configure(settings)
+        self._servers_checked = False
 
     @classmethod
     def from_env(cls) -> Farm:
@@ -75,12 +75,14 @@ class Farm:
             render.img2img_steps()
         _check_priority(priority)
         data, name = _read_input(image) if spec.needs_input else (None, None)
+        # Before the first write, so a wrong setting leaves nothing. Once per Farm: it costs
+        # about as much as a submit, and a server failing later is caught by the withdrawal.
+        if not self._servers_checked:
+            self.check_servers()
         if idempotency_key and (existing := self._find(idempotency_key)):
             return existing
         job_id = job_records.new_id()
         input_key = keys.input_key(job_id) if data is not None else None
-        if input_key:
-            self.ctx.store.put(input_key, data)
         new = job_records.NewJob(
             pipeline=spec.name,
             params=render.to_dict(),
@@ -90,22 +92,35 @@ class Farm:
             idempotency_key=idempotency_key,
             job_id=job_id,
         )
+        written = Withdrawal(self.ctx)
         try:
-            return self._record_and_send(new)
+            self._write(new, data, written)
         except DuplicateJob:  # another submitter recorded the same key first: theirs wins
-            if input_key:
-                with contextlib.suppress(FarmError):
-                    self.ctx.store.delete(input_key)
+            written.take_back()  # what is left, if anything, is an input for `farm gc`
             return self._find(idempotency_key)
+        except Exception as exc:
+            tell(exc, written.take_back() or "nothing was submitted")
+            raise
+        return Job(self.ctx, job_id)
 
-    def _record_and_send(self, new: job_records.NewJob) -> Job:
+    def _write(self, new: job_records.NewJob, data: bytes | None, written: Withdrawal) -> None:
+        """Upload the input, record the job and its stage records (first ones queued), send."""
         pipeline = get_pipeline(new.pipeline)
         first = [spec.name for spec in pipeline.ready(())]
-        with transaction(self.ctx.db_url) as conn:  # the job and its stage records, first queued
+        if new.input_key:
+            written.keys.append(new.input_key)
+            self.ctx.store.put(new.input_key, data)
+        with transaction(self.ctx.db_url) as conn:
             job_records.insert_jobs(conn, pipeline, [new], failures={})
+        written.job_ids.append(new.job_id)
         self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
         BrokerSender().send(new.job_id, new.pipeline, first, new.priority)
-        return Job(self.ctx, new.job_id)
+
+    def check_servers(self) -> None:
+        """Raise unless Postgres, Redis, the broker and the artifact store each answer and
+        take our credentials (the first one that does not raises its error)."""
+        check_servers(self.ctx)
+        self._servers_checked = True
 
     def _find(self, idempotency_key: str) -> Job | None:
         with session_scope(self.ctx.db_url) as s:

@@ -11,9 +11,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from farm import urls
 from farm.errors import ConfigError
 
 ENV_PREFIX = "FARM_"
@@ -21,6 +22,13 @@ ENV_FILE_NAME = "farm.env"
 # In the default data dir: the data dir of the last `farm up --data-dir DIR`, so that later
 # commands without FARM_DATA_DIR find that farm (`farm down` removes it).
 ACTIVE_FILE_NAME = "active-data-dir"
+# Each URL setting and the check it must pass when read (farm.urls).
+URL_CHECKS = {
+    "broker_url": urls.check_broker_url,
+    "redis_url": urls.check_redis_url,
+    "database_url": urls.check_database_url,
+    "s3_endpoint": urls.check_s3_endpoint,
+}
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 
 
@@ -61,6 +69,14 @@ class Settings(BaseSettings):
     signing_cert_store: Path | None = Field(None, description="folder of trusted certificates")
     flower_user: str = "farm"
     flower_password: SecretStr | None = None
+
+    @field_validator(*URL_CHECKS)
+    @classmethod
+    def _check_url(cls, value: SecretStr | str | None, info: ValidationInfo) -> object:
+        if value is not None:
+            url = value.get_secret_value() if isinstance(value, SecretStr) else value
+            URL_CHECKS[info.field_name](url)
+        return value
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in self.public_dict().items())
@@ -178,10 +194,18 @@ def _validation_message(exc: ValidationError) -> str:
         if err["type"] == "missing":
             missing.append(f"{ENV_PREFIX}{name.upper()}")
         else:
-            problems.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}.")
+            problems.append(f"{ENV_PREFIX}{name.upper()}: {_reason(err)}.")
     if missing:
         problems.insert(0, _missing_sentence(missing))
     return " ".join(problems)
+
+
+def _reason(err: dict) -> str:
+    """What is wrong with a value: our own check's words as they are (pydantic would prefix
+    "Value error, "), or pydantic's."""
+    if err["type"] == "value_error":
+        return str(err["ctx"]["error"])
+    return err["msg"]
 
 
 def _missing_sentence(names: list[str]) -> str:

@@ -15,6 +15,10 @@ carries one of the INPUT_* codes, which say what is wrong with the file).
      │    ├── DatabaseError      DATABASE_UNAVAILABLE
      │    ├── MetadataError      REDIS_UNAVAILABLE
      │    └── BrokerUnavailable  BROKER_UNAVAILABLE
+     ├── AuthFailed              (a server refused our credentials: never retried)
+     │    ├── DatabaseAuthError  DATABASE_AUTH_FAILED
+     │    ├── RedisAuthError     REDIS_AUTH_FAILED
+     │    └── BrokerAuthError    BROKER_AUTH_FAILED
      ├── StorageRefused          (the store answered and said no: never retried)
      │    ├── StorageAuthError   STORAGE_AUTH
      │    ├── BucketMissing      STORAGE_NO_BUCKET
@@ -55,6 +59,11 @@ class FarmError(Exception):
 
     def __str__(self) -> str:
         return f"{self.code}: {self.message}"
+
+    def add_detail(self, sentence: str) -> None:
+        """Append what the user should know besides, e.g. what a failed command left behind."""
+        self.message = f"{self.message}; {sentence}"
+        self.args = (self.message,)
 
 
 class ConfigError(FarmError):
@@ -130,6 +139,30 @@ class BrokerUnavailable(TransientError):
     """The Celery broker could not be reached, so a message was not sent."""
 
     code = "BROKER_UNAVAILABLE"
+
+
+class AuthFailed(FarmError):
+    """A server refused the credentials in its URL setting: retrying will not help."""
+
+    code = "AUTH_FAILED"
+
+
+class DatabaseAuthError(AuthFailed):
+    """Postgres refused the user or password of FARM_DATABASE_URL."""
+
+    code = "DATABASE_AUTH_FAILED"
+
+
+class RedisAuthError(AuthFailed):
+    """Redis refused the password of FARM_REDIS_URL."""
+
+    code = "REDIS_AUTH_FAILED"
+
+
+class BrokerAuthError(AuthFailed):
+    """The broker refused the credentials of FARM_BROKER_URL."""
+
+    code = "BROKER_AUTH_FAILED"
 
 
 class StorageRefused(FarmError):

@@ -26,12 +26,13 @@ from farm.db.models import Job as JobRow
 from farm.db.models import JobStatus
 from farm.db.rows import Conn, jobs, lock_job, update_job
 from farm.db.session import session_scope, transaction
-from farm.errors import DuplicateJob, InvalidParameter, NotResumable, is_input_error
-from farm.inputs import InputFile, read_input, scan_folder
+from farm.errors import DuplicateJob, FarmError, InvalidParameter, NotResumable, is_input_error
+from farm.inputs import FolderListing, InputFile, read_input, scan_folder
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
 from farm.storage import keys
 from farm.tasks.dispatch import send_many
+from farm.withdrawal import Withdrawal, tell
 
 if TYPE_CHECKING:
     from farm.api import Farm
@@ -67,28 +68,64 @@ class FolderSubmission:
     def run(self, folder: str | Path, recursive: bool) -> Batch:
         base = Path(folder).expanduser().resolve()
         files = scan_folder(base, recursive)
+        self.farm.check_servers()  # before anything is written, so a failure leaves nothing
         with session_scope(self.farm.ctx.db_url) as s:
             settings = {**self._params, "pipeline": self.pipeline.name}
             self.batch_id = job_records.create_batch(s, str(base), settings).id
+        try:
+            self._submit_files(base, files)
+        except Exception as exc:
+            tell(exc, self._left_behind())
+            raise
+        return Batch(self.farm.ctx, self.batch_id, self.skipped)
+
+    def _submit_files(self, base: Path, files: FolderListing) -> None:
         with ThreadPoolExecutor(UPLOAD_THREADS) as pool:
             for chunk in _chunks(files, CHUNK):
                 read = list(pool.map(lambda f: read_input(f, base), chunk))
                 self._submit_chunk(read, pool)
-        return Batch(self.farm.ctx, self.batch_id, self.skipped)
+
+    def _left_behind(self) -> str:
+        """After a failed chunk was taken back: what the batch keeps of earlier chunks (their
+        jobs render), or nothing at all."""
+        try:
+            with transaction(self.farm.ctx.db_url) as conn:
+                kept = job_records.drop_batch_if_empty(conn, self.batch_id)
+        except FarmError as exc:
+            return (
+                f"batch {self.batch_id} may keep jobs submitted before this ({exc.code}); "
+                "re-run the same command once the farm is back: it submits only the rest"
+            )
+        if not kept:
+            return "nothing was submitted"
+        return (
+            f"batch {self.batch_id} keeps {kept} jobs recorded before the failure, which render; "
+            "re-run the same command to submit the rest, or `farm cancel --batch "
+            f"{self.batch_id}` to stop them"
+        )
 
     def _submit_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
         mark = len(self.skipped)
         for tries_left in reversed(range(CHUNK_TRIES)):
+            written = Withdrawal(self.farm.ctx)
             try:
-                return self._try_chunk(files, pool)
+                return self._try_chunk(files, pool, written)
             except DuplicateJob:
                 del self.skipped[mark:]  # what the failed try noted is noted again
+                written.take_back()  # what is left, if anything, is an upload for `farm gc`
                 if not tries_left:
                     raise
                 # Another submitter recorded some of these inputs a moment ago; their jobs
-                # are "existing" on the next try (their packed upload, if any, is gc's).
+                # are "existing" on the next try.
+            except Exception as exc:
+                left = written.take_back()
+                if left:
+                    tell(exc, left)
+                raise
 
-    def _try_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
+    def _try_chunk(
+        self, files: list[InputFile], pool: ThreadPoolExecutor, written: Withdrawal
+    ) -> None:
         by_key: dict[str, InputFile] = {}
         skipped = []
         for file in files:
@@ -99,7 +136,7 @@ class FolderSubmission:
         new = {key: f for key, f in by_key.items() if key not in existing}
         ids = {key: job_records.new_id() for key in new}
         readable = {ids[k]: f for k, f in new.items() if f.data is not None}
-        placed = self._upload_inputs(readable, pool)
+        placed = self._upload_inputs(readable, pool, written)
         nowhere = Placement(None)  # an input refused at submit was not uploaded
         jobs = [self._new_job(ids[k], k, f, placed.get(ids[k], nowhere)) for k, f in new.items()]
         failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
@@ -110,6 +147,7 @@ class FolderSubmission:
             # jobs locked in one order, so two submitters of one folder never deadlock
             adopted = (self._adopt(conn, job_id) for job_id in sorted(existing.values()))
             to_send += filter(None, adopted)
+        written.job_ids += new_ids
         self.skipped += skipped
         self._announce(to_send)
 
@@ -147,7 +185,7 @@ class FolderSubmission:
             return dict(s.execute(query).all())
 
     def _upload_inputs(
-        self, files: dict[str, InputFile], pool: ThreadPoolExecutor
+        self, files: dict[str, InputFile], pool: ThreadPoolExecutor, written: Withdrawal
     ) -> dict[str, Placement]:
         """Upload a chunk's inputs (job id -> file): the small ones packed into one object,
         each larger one on its own. Returns where each job's bytes are."""
@@ -161,6 +199,7 @@ class FolderSubmission:
                 placed[job_id] = Placement(pack_key, offset, len(file.data))
                 offset += len(file.data)
             uploads.append((pack_key, b"".join(file.data for file in small.values())))
+        written.keys += [key for key, _ in uploads]
         list(pool.map(lambda upload: self.farm.ctx.store.put(*upload), uploads))
         return placed
 

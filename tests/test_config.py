@@ -83,3 +83,51 @@ def test_secrets_are_masked_in_repr(clean_env: pytest.MonkeyPatch) -> None:
     for secret in ("brokerpw", "redispw", "dbpw", "s3-secret-sentinel"):
         assert secret not in text
     assert "redis://:***@127.0.0.1:6390/0" in text
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("FARM_DATABASE_URL", "not a url", "not a database URL"),
+        ("FARM_DATABASE_URL", "mysql://farm:dbpw@127.0.0.1/farm", "needs PostgreSQL, not mysql"),
+        ("FARM_DATABASE_URL", "postgresql+nosuch://farm:dbpw@h/farm", "no such driver"),
+        ("FARM_DATABASE_URL", "postgresql+asyncpg://farm:dbpw@h/farm", "asyncpg package"),
+        ("FARM_DATABASE_URL", "postgresql://farm:dbpw@h:port/farm", "not a database URL"),
+        ("FARM_REDIS_URL", "http://:redispw@127.0.0.1:6390/0", "not a Redis URL"),
+        ("FARM_REDIS_URL", "redis://:redispw@127.0.0.1:port/0", "not a Redis URL"),
+        ("FARM_BROKER_URL", "http://:brokerpw@127.0.0.1:6390/0", "not http://"),
+        ("FARM_BROKER_URL", "brokerpw@127.0.0.1", "has no scheme"),
+        ("FARM_S3_ENDPOINT", "not a url", "not an http:// or https:// URL"),
+        ("FARM_S3_ENDPOINT", "ftp://127.0.0.1:8333", "not an http:// or https:// URL"),
+    ],
+)
+def test_a_malformed_url_names_its_variable_and_keeps_its_secret(
+    clean_env: pytest.MonkeyPatch, name: str, value: str, says: str
+) -> None:
+    for key, good in BASE.items():
+        clean_env.setenv(key, good)
+    clean_env.setenv(name, value)
+    with pytest.raises(ConfigError) as info:
+        Settings.from_env()
+    assert info.value.message.startswith(f"{name}: ") and says in info.value.message
+    assert "Value error" not in info.value.message
+    assert not any(secret in info.value.message for secret in ("dbpw", "redispw", "brokerpw"))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("FARM_BROKER_URL", "rediss://:pw@redis.internal:6380/0?ssl_cert_reqs=required"),
+        ("FARM_BROKER_URL", "amqp://farm:pw@rabbit.internal:5672//"),
+        ("FARM_REDIS_URL", "unix:///run/redis.sock?db=1"),
+        ("FARM_DATABASE_URL", "postgresql+psycopg2://farm:pw@pg/farm?sslmode=verify-full"),
+        ("FARM_S3_ENDPOINT", "https://s3.internal"),
+    ],
+)
+def test_every_supported_url_form_is_accepted(
+    clean_env: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    for key, good in BASE.items():
+        clean_env.setenv(key, good)
+    clean_env.setenv(name, value)
+    Settings.from_env()

@@ -1,8 +1,14 @@
-"""What runs next: the one decision of farm.tasks.dispatch, as plain data."""
+"""What runs next: the one decision of farm.tasks.dispatch, as plain data; and what a send
+the broker refuses leaves (against the real Redis)."""
 
 from __future__ import annotations
 
-from farm.tasks.dispatch import InlineSender, Next, plan
+import re
+
+from pydantic import SecretStr
+
+from farm.tasks.app import configure
+from farm.tasks.dispatch import BrokerSender, InlineSender, Next, plan, send_or_leave
 
 
 def test_a_next_stage_on_the_workers_own_queue_continues_there() -> None:
@@ -25,3 +31,12 @@ def test_the_inline_sender_keeps_the_order_stages_became_ready() -> None:
     sender.send("job", "img2img", ["encode", "noise"], 5, countdown=3)
     sender.send("job", "img2img", ["denoise"], 5)
     assert list(sender.pending) == ["encode", "noise", "denoise"]
+
+
+def test_a_send_whose_login_the_broker_refuses_is_left_to_the_reconciler(settings) -> None:
+    wrong = re.sub(r"(://:)[^@]*@", r"\1wrong@", settings.broker_url.get_secret_value())
+    try:
+        configure(settings.model_copy(update={"broker_url": SecretStr(wrong)}))
+        assert not send_or_leave(BrokerSender(), "job", "img2img", ["preprocess"], 5)
+    finally:
+        configure(settings)

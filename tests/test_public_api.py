@@ -28,7 +28,9 @@ def test_transient_errors_are_retryable_and_input_errors_are_not() -> None:
 
 
 def test_refusals_are_never_caught_as_transient() -> None:
-    for refused in (errors.StorageAuthError, errors.BucketMissing, errors.StorageRejected):
+    refusals = (errors.StorageAuthError, errors.BucketMissing, errors.StorageRejected)
+    logins = (errors.DatabaseAuthError, errors.RedisAuthError, errors.BrokerAuthError)
+    for refused in (*refusals, *logins):
         assert not issubclass(refused, errors.TransientError)
         assert not refused("x").retryable
     retryable = {c for c in vars(errors).values() if isinstance(c, type) and c.retryable}

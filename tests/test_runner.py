@@ -3,6 +3,7 @@ Postgres, Redis and S3, and what the runner does with records a worker cannot us
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ from farm.tasks.context import Context
 from farm.tasks.dispatch import InlineSender
 from farm.tasks.inline import run_job_inline
 from farm.tasks.reconcile import requeue_dead
-from farm.tasks.runner import LeaseKeeper
+from farm.tasks.runner import LeaseKeeper, StageRun
 from tests.helpers import sample_png, wait_until
 
 PARAMS = {"size": 64, "steps": 6, "strength": 0.8, "prompt": "a lighthouse", "seed": 3}
@@ -119,6 +120,14 @@ def test_postgres_heartbeat_goes_on_while_redis_is_unreachable(settings, tiny_mo
     finally:
         keeper.stop()
     assert not keeper.lost  # Redis being down is not another delivery taking over
+
+
+def test_live_progress_is_skipped_when_redis_refuses_the_password(settings, tiny_model) -> None:
+    refused = re.sub(r"(://:)[^@]*@", r"\1wrong@", settings.redis_url.get_secret_value())
+    ctx = Context(settings.model_copy(update={"redis_url": SecretStr(refused)}))
+    job_id = record_job(Context(settings), PARAMS)
+    run = StageRun(ctx, job_id, "preprocess", "w")
+    assert run._live("set_state", job_id, status="running", stage="preprocess", step=0) is None
 
 
 def test_the_reconciler_sends_a_dead_workers_stage_again(farm, tiny_model, no_reconciler) -> None:

@@ -112,6 +112,9 @@ class TestArtifactStore:
         with pytest.raises(ArtifactMissing):
             store.modified(f"{prefix}absent")
 
+    def test_check_passes_on_a_store_that_answers(self, store: ArtifactStore) -> None:
+        store.check()
+
     def test_missing_key_is_artifact_missing(self, store: ArtifactStore, prefix: str) -> None:
         assert not store.exists(prefix + "nope")
         for read in (store.get, store.size):
@@ -248,6 +251,14 @@ class TestS3Store:
             assert "FARM_S3_SECRET_KEY" in err.message
             assert secret not in f"{err} {err!r} {err.__cause__} {bad!r}"
 
+    def test_check_names_a_refused_key_and_a_missing_bucket(self, stack: StackInfo) -> None:
+        endpoint, key, secret = stack.s3_endpoint, stack.s3_access_key, stack.s3_secret_key
+        with pytest.raises(StorageRefused) as refused:
+            S3Store(endpoint, stack.s3_bucket, key, "wrong").check()
+        with pytest.raises(StorageRefused) as missing:
+            S3Store(endpoint, "no-such-bucket", key, secret).check()
+        assert (refused.value.code, missing.value.code) == ("STORAGE_AUTH", "STORAGE_NO_BUCKET")
+
     def test_unknown_access_key_is_an_auth_error(self, stack: StackInfo) -> None:
         bad = S3Store(stack.s3_endpoint, stack.s3_bucket, "no-such-key", stack.s3_secret_key)
         with pytest.raises(StorageRefused) as info:
@@ -321,6 +332,11 @@ class TestS3Store:
 
 
 class TestFilesystemStore:
+    def test_check_fails_when_the_root_is_gone(self, fs_store: FilesystemStore) -> None:
+        fs_store.root.rmdir()  # an unmounted share
+        with pytest.raises(StorageError):
+            fs_store.check()
+
     def test_temporary_files_are_never_listed(self, fs_store: FilesystemStore) -> None:
         fs_store.put("job/a", b"x")
         (fs_store.root / "job" / f"{TMP_PREFIX}leftover").write_bytes(b"half")
@@ -369,7 +385,7 @@ class TestMakeStore:
         urls = {
             "broker_url": "redis://h",
             "redis_url": "redis://h",
-            "database_url": "postgresql://h",
+            "database_url": "postgresql+psycopg2://h",
         }
         return Settings(_env_file=None, **urls, **values)
 

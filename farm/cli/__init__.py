@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import sys
 
+from rich.markup import escape
+
 from farm.cli import render, stack, steer  # noqa: F401 -- registers the commands
 from farm.cli.app import app, err
 from farm.errors import FarmError
@@ -20,5 +22,6 @@ def main() -> None:
     try:
         app()
     except FarmError as exc:
-        err.print(f"[red]error[/] {exc.code}: {exc.message}")
+        # One line however long (no wrapping), and a message's brackets are not markup.
+        err.print(f"[red]error[/] {exc.code}: {escape(exc.message)}", soft_wrap=True)
         sys.exit(2)

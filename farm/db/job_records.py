@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import delete, exists, func, insert, select, update
 from sqlalchemy.orm import Session, joinedload
 
 from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageStatus
@@ -73,6 +73,20 @@ def insert_jobs(
         ],
     )
     return [new.job_id for new in new_jobs if new.job_id not in failures]
+
+
+def delete_jobs(conn: Conn, job_ids: list[str]) -> None:
+    """Remove jobs a failed submit recorded but never sent (their stage records cascade)."""
+    conn.execute(delete(jobs).where(jobs.c.id.in_(job_ids)))
+
+
+def drop_batch_if_empty(conn: Conn, batch_id: str) -> int:
+    """How many jobs the batch holds; a batch that holds none is removed."""
+    count = conn.execute(select(func.count()).where(jobs.c.batch_id == batch_id)).scalar_one()
+    if not count:
+        holds_none = ~exists().where(jobs.c.batch_id == batch_id)  # none joined meanwhile
+        conn.execute(delete(Batch).where(Batch.id == batch_id, holds_none))
+    return count
 
 
 def _job_row(new: NewJob, error: FarmError | None, now: datetime) -> dict:

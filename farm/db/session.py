@@ -1,4 +1,5 @@
-"""Engines and sessions; database errors become ``DatabaseError`` here, at the boundary."""
+"""Engines and sessions; database errors become ``DatabaseError`` (or ``DatabaseAuthError``)
+here, at the boundary."""
 
 from __future__ import annotations
 
@@ -6,14 +7,17 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from sqlalchemy import Connection, Engine, create_engine
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
-from farm.errors import DatabaseError, DuplicateJob
+from farm.errors import DatabaseAuthError, DatabaseError, DuplicateJob
 
 # Errors that mean "the database is unreachable or restarting": worth a retry.
 _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+# What libpq and the server say when they refuse the login, not the network: psycopg2 gives a
+# failed connection no SQLSTATE (28P01, 28000), so the words are all there is to go on.
+_AUTH_REFUSED = ("authentication failed", "no password supplied", "no pg_hba.conf entry")
 
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
@@ -61,6 +65,12 @@ def transaction(url: str) -> Iterator[Connection]:
         yield conn
 
 
+def check_database(url: str) -> None:
+    """Log in and run one statement: ``DatabaseAuthError`` or ``DatabaseError`` if that fails."""
+    with transaction(url) as conn:
+        conn.execute(text("SELECT 1"))
+
+
 # The one unique constraint two honest submitters can race on (naming convention in models).
 IDEMPOTENCY_CONSTRAINT = "uq_jobs_idempotency_key"
 
@@ -70,6 +80,12 @@ def _unreachable_is_transient() -> Iterator[None]:
     try:
         yield
     except _TRANSIENT as exc:
+        refused = _login_refused(exc)
+        if refused:
+            raise DatabaseAuthError(
+                f"Postgres refused the login of FARM_DATABASE_URL ({refused}); check its user "
+                "and password"
+            ) from exc
         reason = type(getattr(exc, "orig", None) or exc).__name__
         raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
     except sa_exc.IntegrityError as exc:
@@ -77,6 +93,15 @@ def _unreachable_is_transient() -> Iterator[None]:
         if getattr(diag, "constraint_name", None) == IDEMPOTENCY_CONSTRAINT:
             raise DuplicateJob("a job with this idempotency key was recorded meanwhile") from exc
         raise
+
+
+def _login_refused(exc: sa_exc.DBAPIError) -> str | None:
+    """The server's reason when it refused the login ("password authentication failed for user
+    ..."), else None."""
+    said = str(getattr(exc, "orig", None) or exc)
+    if not any(words in said for words in _AUTH_REFUSED):
+        return None
+    return said.rpartition("FATAL:")[2].strip() or said.strip()
 
 
 def dispose_engines() -> None:

@@ -69,6 +69,11 @@ class ArtifactStore(Protocol):
         """Keys starting with ``prefix``, sorted."""
         ...
 
+    def check(self) -> None:
+        """Raise unless the store answers and takes our credentials (a submit asks before it
+        records anything)."""
+        ...
+
     def abort_incomplete_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
         """Abort uploads under ``prefix`` started more than ``older_than`` seconds ago and never
         finished (a worker killed mid-upload); returns how many. Stores whose writes cannot be

@@ -75,6 +75,9 @@ class CachedStore:
     def list(self, prefix: str = "") -> Iterator[str]:
         return self.store.list(prefix)
 
+    def check(self) -> None:
+        self.store.check()
+
     def abort_incomplete_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
         return self.store.abort_incomplete_uploads(prefix, older_than)
 

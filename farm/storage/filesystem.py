@@ -6,6 +6,7 @@ and renames it into place, so readers on any host see the old file or the new on
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -101,6 +102,12 @@ class FilesystemStore:
         with _boundary(prefix):
             keys = [key for key in self._walk(base) if key.startswith(prefix)]
         return iter(sorted(keys))
+
+    def check(self) -> None:
+        with _boundary(str(self.root)):
+            self.root.stat()  # gone (an unmounted share): StorageError
+            if not os.access(self.root, os.R_OK | os.W_OK | os.X_OK):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(self.root))
 
     def abort_incomplete_uploads(self, prefix: str = "", older_than: float = 0.0) -> int:
         # A write goes to a temporary file renamed into place, so no key is ever half-written;

@@ -1,7 +1,8 @@
 """Live metadata in Redis: job progress, cancel flags, stage leases, worker heartbeats.
 
 Nothing here is the source of truth — Postgres is — so all of it can be lost and rebuilt.
-Redis errors become ``MetadataError`` (transient) at this boundary.
+Redis errors become ``MetadataError`` (transient) at this boundary, a refused password
+``RedisAuthError`` (permanent).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 import redis
 
-from farm.errors import MetadataError
+from farm.errors import MetadataError, RedisAuthError
 from farm.storage import keys
 
 T = TypeVar("T")
@@ -42,6 +43,10 @@ def _mapped(fn: Callable[..., T]) -> Callable[..., T]:
     def wrapper(*args: Any, **kwargs: Any) -> T:
         try:
             return fn(*args, **kwargs)
+        except redis.AuthenticationError as exc:  # a ConnectionError to redis-py: test it first
+            raise RedisAuthError(
+                f"Redis refused the credentials of FARM_REDIS_URL ({exc}); check its password"
+            ) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             raise MetadataError(f"Redis is unreachable ({type(exc).__name__})") from exc
 
@@ -99,6 +104,12 @@ class Metadata:
         pipe.expire(keys.job_state(job_id), keys.FINISHED_JOB_TTL)
         pipe.expire(keys.cancel_flag(job_id), keys.FINISHED_JOB_TTL)
         pipe.execute()
+
+    @_mapped
+    def forget_jobs(self, job_ids: list[str]) -> None:
+        """Drop the live keys of jobs withdrawn before they were sent."""
+        if job_ids:
+            self.redis.delete(*(keys.job_state(job_id) for job_id in job_ids))
 
     # -- cancel --------------------------------------------------------------------------------
 

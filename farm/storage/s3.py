@@ -192,6 +192,10 @@ class S3Store:
         # keys are sorted here: the contract promises one order on every backend.
         return iter(sorted(self._list_unordered(validate_prefix(prefix))))
 
+    def check(self) -> None:
+        with self._boundary(""):
+            self._client().head_bucket(Bucket=self.bucket)
+
     # -- S3 housekeeping -----------------------------------------------------------------------
 
     def ensure_bucket(self) -> None:
@@ -292,7 +296,8 @@ class S3Store:
 
     def _map_client_error(self, exc: ClientError, key: str) -> FarmError:
         code, status = _code(exc), _status(exc)
-        if code == "NoSuchBucket":
+        # A bucket request (no key) answered "not found": a HEAD carries no error code.
+        if code == "NoSuchBucket" or (not key and code in _MISSING_CODES):
             return BucketMissing(
                 f"bucket {self.bucket!r} does not exist at {self._where()}: check "
                 "FARM_S3_BUCKET, or create the bucket (`farm up` does)"

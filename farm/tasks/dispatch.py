@@ -24,20 +24,27 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
+from amqp.exceptions import AccessRefused
 from kombu.exceptions import KombuError, OperationalError
 
+from farm.config import mask_url
 from farm.db.job_records import get_job, queued_and_ready
 from farm.db.models import JobStatus
 from farm.db.session import session_scope
-from farm.errors import BrokerUnavailable, TransientError
+from farm.errors import BrokerAuthError, BrokerUnavailable, FarmError, TransientError
 from farm.pipelines import get_pipeline
 from farm.tasks.app import TASK_FOR_QUEUE, app, celery_priority
 from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
 
-# What kombu may raise when the broker is unreachable: its own error, or the transport's.
+# What kombu may raise when the broker is unreachable or refuses a message (a Redis out of
+# memory, or whose last save failed): its own error, or the transport's.
 _BROKER_DOWN = (OperationalError, redis.ConnectionError, redis.TimeoutError, ConnectionError)
+# The transports' word for refused credentials (Redis, RabbitMQ), wherever kombu wraps it.
+_AUTH_REFUSED = (redis.AuthenticationError, AccessRefused)
+# How long a send or a check rides out a broker blip: about 4 s over 5 retries.
+RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "interval_max": 1}
 
 
 @dataclass(frozen=True)
@@ -120,10 +127,48 @@ def send_stage(
             producer=producer,
             countdown=countdown,
             retry=True,
-            retry_policy={"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5},
+            retry_policy=RETRY_POLICY,
         )
     except _BROKER_DOWN as exc:
-        raise BrokerUnavailable(f"the broker is unreachable ({type(exc).__name__})") from exc
+        raise _broker_error(exc) from exc
+
+
+def check_broker() -> None:
+    """Connect to the broker (riding out a blip, not a refused password), so that a submit
+    fails before it records anything."""
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(errback=_stop_if_refused, **RETRY_POLICY)
+    except _BROKER_DOWN as exc:
+        raise _broker_error(exc) from exc
+
+
+def _stop_if_refused(exc: Exception, _interval: float) -> None:
+    if _refused(exc):
+        raise exc
+
+
+def _broker_error(exc: BaseException) -> FarmError:
+    """The farm's error for a failed connect or send: refused credentials, else unavailable."""
+    if _refused(exc):
+        return BrokerAuthError(
+            "the broker refused the credentials of FARM_BROKER_URL; check its user and password"
+        )
+    return BrokerUnavailable(f"the broker is unreachable or refused the message ({_reason(exc)})")
+
+
+def _refused(exc: BaseException | None) -> bool:
+    """Whether ``exc`` or an error it was raised from is a refused login."""
+    while exc is not None:
+        if isinstance(exc, _AUTH_REFUSED):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _reason(exc: BaseException) -> str:
+    said = mask_url(str(exc))  # the transport's words ("Connection refused", "OOM ..."), no secret
+    return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
 def send_many(pipeline: str, jobs: list[tuple[str, list[str]]], priority: int) -> None:
@@ -156,12 +201,13 @@ def resend_ready(ctx: Context, job_id: str, sender: Sender) -> list[str]:
 def send_or_leave(
     sender: Sender, job_id: str, pipeline: str, stages: Iterable[str], priority: int, **kw
 ) -> bool:
-    """Send, or leave the stages to the reconciler if the broker is down (they stay recorded
-    as queued). True if sent."""
+    """Send, or leave the stages to the reconciler if the broker is down or refuses this
+    process's login (they stay recorded as queued; nothing after a commit may fail its stage).
+    True if sent."""
     stages = list(stages)
     try:
         sender.send(job_id, pipeline, stages, priority, **kw)
-    except TransientError as exc:
+    except (TransientError, BrokerAuthError) as exc:
         log.warning("%s %s not sent (%s); the reconciler will send them", job_id, stages, exc)
         return False
     return True

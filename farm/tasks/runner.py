@@ -24,6 +24,7 @@ from farm.errors import (
     JobCancelled,
     LeaseLost,
     MetadataError,
+    RedisAuthError,
     StageCrashed,
     StageFailed,
 )
@@ -302,10 +303,10 @@ class StageRun:
 
     def _live(self, method: str, *args, **kwargs):
         """Live metadata is best-effort: Redis holds nothing Postgres cannot rebuild, so a
-        Redis outage must not fail a render."""
+        Redis outage, or a Redis that stopped taking our password, must not fail a render."""
         try:
             return getattr(self.ctx.meta, method)(*args, **kwargs)
-        except MetadataError as exc:
+        except (MetadataError, RedisAuthError) as exc:
             log.debug("live metadata skipped (%s): %s", method, exc)
             return None
 
