@@ -114,8 +114,7 @@ class Farm:
         NotResumable for a job that is queued, running or done: resuming a running job would
         throw its running stage's work away."""
         with transaction(self.ctx.db_url) as conn:
-            pipeline, priority, ready = job_records.prepare_resume(conn, job_id)
-        self.ctx.meta.clear_cancel(job_id)
+            pipeline, priority, ready = job_records.reopen(conn, self.ctx.meta, job_id)
         if ready:
             self.ctx.meta.set_state(job_id, status="queued", stage=ready[0], step=0)
             BrokerSender().send(job_id, pipeline, ready, priority)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 CHUNK = 64
 CHUNK_TRIES = 3  # a chunk that raced another submitter of the same files is submitted again
 UPLOAD_THREADS = 8
+# A cancelled job's running stage stops at its next step (a denoise step, or the end of a
+# shorter stage): how long a render of its folder waits to adopt it again.
+STOPPING_WAIT_S = 60.0
+STOPPING_POLL_S = 0.2
 # Inputs up to this size are packed, one object per chunk (at most CHUNK x this = 16 MiB):
 # per-object overhead, not bytes, is what a folder of small images costs the object store.
 PACK_LIMIT = 256 * 1024
@@ -62,6 +67,7 @@ class FolderSubmission:
     priority: int
     batch_id: str = ""
     skipped: list[str] = field(default_factory=list)
+    _stopping: list[str] = field(default_factory=list, init=False, repr=False)
     _packs: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
 
     def run(self, folder: str | Path, recursive: bool) -> Batch:
@@ -74,6 +80,7 @@ class FolderSubmission:
             for chunk in _chunks(files, CHUNK):
                 read = list(pool.map(lambda f: read_input(f, base), chunk))
                 self._submit_chunk(read, pool)
+        self._adopt_stopped()
         return Batch(self.farm.ctx, self.batch_id, self.skipped)
 
     def _submit_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
@@ -113,10 +120,19 @@ class FolderSubmission:
         self.skipped += skipped
         self._announce(to_send)
 
+    def _adopt_stopped(self) -> None:
+        """Adopt again the cancelled jobs whose stage was still stopping (it stops at its next
+        step): left cancelled, they would end this render as cancelled, not rendered."""
+        deadline = time.monotonic() + STOPPING_WAIT_S
+        while self._stopping and time.monotonic() < deadline:
+            time.sleep(STOPPING_POLL_S)
+            stopping, self._stopping = sorted(self._stopping), []
+            with transaction(self.farm.ctx.db_url) as conn:
+                to_send = list(filter(None, (self._adopt(conn, job_id) for job_id in stopping)))
+            self._announce(to_send)
+
     def _announce(self, to_send: list[tuple[str, list[str]]]) -> None:
         meta = self.farm.ctx.meta
-        for job_id, _ in to_send:
-            meta.clear_cancel(job_id)  # an adopted job cancelled earlier must run now
         meta.set_states(
             {
                 job_id: {"status": "queued", "stage": stages[0], "step": 0}
@@ -192,8 +208,9 @@ class FolderSubmission:
             return None
         if status in (JobStatus.FAILED, JobStatus.CANCELLED) and not is_input_error(error_code):
             try:
-                _, _, ready = job_records.prepare_resume(conn, job_id)
-            except NotResumable:  # cancelled, its stage still stopping: the next run takes it
+                _, _, ready = job_records.reopen(conn, self.farm.ctx.meta, job_id)
+            except NotResumable:  # cancelled, its stage still stopping: adopted once it stopped
+                self._stopping.append(job_id)
                 return None
             return (job_id, ready) if ready else None
         return None

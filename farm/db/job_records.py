@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import func, insert, select, update
 from sqlalchemy.orm import Session, joinedload
@@ -13,6 +14,9 @@ from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageStatus
 from farm.db.rows import Conn, jobs, lock_job, mark_queued, runs, stage_statuses, update_job
 from farm.errors import FarmError, JobNotFound, NotResumable
 from farm.pipelines import Pipeline, get_pipeline
+
+if TYPE_CHECKING:
+    from farm.storage.metadata import Metadata
 
 
 def new_id() -> str:
@@ -137,11 +141,16 @@ def mark_cancelled(conn: Conn, job_id: str) -> bool:
     return True
 
 
-def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
+def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[str, int, list[str]]:
     """Reopen a failed or cancelled job: every stage not done goes back to pending, and the
     ready ones are marked queued and returned, with the job's pipeline and priority. Done
     stages keep their records and are not re-run. NotResumable for any other job: resuming a
-    running one would throw its running stage's work away."""
+    running one would throw its running stage's work away.
+
+    The one way every path (resume, a folder rendered again, debug-run) reopens a job, because
+    each must also clear the job's cancel flag, or its first stage would find the old flag and
+    cancel it again. Cleared under the job's lock, before the commit, so no delivery of the
+    reopened job can find the old flag."""
     status, pipeline_name, priority = lock_job(
         conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority
     )
@@ -163,6 +172,7 @@ def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
     done = {name for name, s in statuses.items() if s == StageStatus.DONE}
     ready = [spec.name for spec in get_pipeline(pipeline_name).ready(done)]
     mark_queued(conn, job_id, ready)
+    meta.clear_cancel(job_id)
     return pipeline_name, priority, ready
 
 
