@@ -94,7 +94,8 @@ class Farm:
         pipeline = get_pipeline(new.pipeline)
         first = [spec.name for spec in pipeline.ready(())]
         with transaction(self.ctx.db_url) as conn:  # the job and its stage records, first queued
-            job_records.insert_jobs(conn, pipeline, [new], failures={})
+            if not job_records.insert_jobs(conn, pipeline, [new], failures={}):
+                raise DuplicateJob("a job with this idempotency key was recorded meanwhile")
         self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
         BrokerSender().send(new.job_id, new.pipeline, first, new.priority)
         return Job(self.ctx, new.job_id)

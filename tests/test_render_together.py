@@ -1,14 +1,16 @@
-"""Renders of one folder again after it was cancelled: the `farm` command as users run it, on
-the real stack and workers."""
+"""Renders of one folder by two users at once, or one while the other follows, and a cancelled
+folder rendered again: the `farm` command as users run it, on the real stack and workers."""
 
 from __future__ import annotations
 
 import subprocess
 from pathlib import Path
 
+from farm.tasks.gc import orphaned_packs
 from tests.helpers import sample_png
 from tests.test_cli import FARM, run_farm, user_env
 
+QUICK = ["--size", "16", "--steps", "1", "--strength", "1.0", "--seed", "3"]
 SLOW = ["--size", "32", "--steps", "12", "--strength", "1.0", "--seed", "4"]
 
 
@@ -35,11 +37,49 @@ def finish(proc: subprocess.Popen, timeout: float = 240) -> tuple[int, str]:
     return proc.returncode, out + errors
 
 
+def batch_id(output: str) -> str:
+    return output.splitlines()[0].split()[1]
+
+
+def batch_jobs(farm, output: str) -> set[str]:
+    return {j.id for j in farm.batch(batch_id(output)).jobs()}
+
+
 def assert_complete(code: int, output: str, out: Path, count: int) -> None:
     assert code == 0, output
     assert "Traceback" not in output
     assert f"{count} inputs: {count} done" in output, output
     assert len(list(out.glob("*.png"))) == count
+
+
+def test_two_renders_of_one_folder_at_once_both_write_every_output(
+    farm, farm_env, running, tmp_path: Path
+) -> None:
+    count = 70  # more than one chunk of 64: the two submitters race on both
+    folder = images(tmp_path / "in", count, hue=40)
+    renders = [start_render(folder, tmp_path / f"out{i}", QUICK, farm_env) for i in range(2)]
+    results = [finish(proc) for proc in renders]
+    for i, (code, output) in enumerate(results):
+        assert_complete(code, output, tmp_path / f"out{i}", count)
+    first, second = (batch_jobs(farm, output) for _, output in results)
+    assert first == second and len(first) == count  # one job per input, shared
+    packs = {
+        k for _, output in results for k in farm.ctx.store.list(f"batches/{batch_id(output)}/")
+    }
+    assert packs and not packs & set(orphaned_packs(farm.ctx, grace_s=0))  # the loser's went
+
+
+def test_a_second_render_started_while_the_first_follows_leaves_it_complete(
+    farm, farm_env, running, tmp_path: Path
+) -> None:
+    count = 4
+    folder = images(tmp_path / "in", count, hue=90)
+    first = start_render(folder, tmp_path / "out1", SLOW, farm_env)
+    assert first.stdout.readline().startswith("batch ")  # submitted, now following
+    second = start_render(folder, tmp_path / "out2", SLOW, farm_env)
+    (code2, out2), (code1, out1) = finish(second), finish(first)
+    assert_complete(code1, out1, tmp_path / "out1", count)
+    assert_complete(code2, out2, tmp_path / "out2", count)
 
 
 def test_a_cancelled_folder_rendered_again_renders(farm, farm_env, running, tmp_path) -> None:

@@ -8,9 +8,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING
 
 from sqlalchemy import func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, joinedload
 
-from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageStatus
+from farm.db.models import TERMINAL, Batch, BatchJob, Job, JobStatus, StageStatus
 from farm.db.rows import Conn, jobs, lock_job, mark_queued, runs, stage_statuses, update_job
 from farm.errors import FarmError, JobNotFound, NotResumable
 from farm.pipelines import Pipeline, get_pipeline
@@ -45,29 +46,56 @@ def create_batch(session: Session, source: str | None, params: dict) -> Batch:
     return batch
 
 
+def join_batch(conn: Conn, batch_id: str, paths: dict[str, bytes]) -> None:
+    """Make these jobs (job id -> its input's path in the folder) members of the batch."""
+    if paths:
+        rows = [
+            {"batch_id": batch_id, "job_id": job_id, "input_path": path}
+            for job_id, path in sorted(paths.items())
+        ]
+        conn.execute(pg_insert(BatchJob.__table__).on_conflict_do_nothing(), rows)
+
+
 def insert_jobs(
     conn: Conn, pipeline: Pipeline, new_jobs: list[NewJob], failures: dict[str, FarmError]
-) -> list[str]:
+) -> set[str]:
     """Insert jobs of one pipeline, each with one record per stage, in two statements (jobs,
     then their stage records). Jobs in ``failures`` are recorded as failed at submit; the
-    others get their first stages queued. Returns the ids of the jobs to enqueue. Core
-    statements: the ORM's per-object bookkeeping would cost more than the database itself."""
+    others get their first stages queued. A job whose idempotency key is recorded already
+    (another submitter's, maybe committed just now) is not inserted. Returns the ids of the
+    jobs inserted. Core statements: the ORM's per-object bookkeeping would cost more than the
+    database itself."""
     if not new_jobs:
-        return []
+        return set()
     # The database's clock, as everywhere else (the reconciler compares queued_at with it).
     now = conn.execute(select(func.now())).scalar_one()
     first = {spec.name for spec in pipeline.ready(())}
-    # Table-level inserts: one multi-row statement each (the ORM would split rows by shape).
-    conn.execute(insert(jobs), [_job_row(new, failures.get(new.job_id), now) for new in new_jobs])
-    conn.execute(
-        insert(runs),
-        [
-            _stage_row(new.job_id, i, spec, spec.name in first and new.job_id not in failures, now)
-            for new in new_jobs
-            for i, spec in enumerate(pipeline.stages)
-        ],
+    # Keys in one order, so two submitters inserting the same keys wait on each other, never
+    # deadlock; a key taken meanwhile waits for its holder's commit, then is skipped.
+    rows = sorted(
+        (_job_row(new, failures.get(new.job_id), now) for new in new_jobs),
+        key=lambda row: row["idempotency_key"] or "",
     )
-    return [new.job_id for new in new_jobs if new.job_id not in failures]
+    statement = (
+        pg_insert(jobs)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(jobs.c.id)
+    )
+    inserted = set(conn.execute(statement, rows).scalars())
+    if inserted:
+        # Table-level inserts: one multi-row statement (the ORM would split rows by shape).
+        conn.execute(
+            insert(runs),
+            [
+                _stage_row(
+                    new.job_id, i, spec, spec.name in first and new.job_id not in failures, now
+                )
+                for new in new_jobs
+                if new.job_id in inserted
+                for i, spec in enumerate(pipeline.stages)
+            ],
+        )
+    return inserted
 
 
 def _job_row(new: NewJob, error: FarmError | None, now: datetime) -> dict:
