@@ -194,6 +194,13 @@ def _batch_jobs(ctx: Context, query, batch: str) -> list[JobInfo]:
         return [replace(job_info(row), input_name=name) for row, name in named]
 
 
+def batch_input_paths(ctx: Context, batch: str) -> dict[str, bytes]:
+    """Job id -> its input's path in the batch's folder, as the file system's bytes."""
+    query = select(BatchJob.job_id, BatchJob.input_path).where(BatchJob.batch_id == batch)
+    with session_scope(ctx.db_url) as s:
+        return dict(s.execute(query).all())
+
+
 def output_checksums(ctx: Context, job_ids: list[str]) -> dict[str, str]:
     """sha256 of each done job's output, from the record of the stage that wrote it."""
     query = (
