@@ -6,11 +6,13 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+from farm.tasks import faults
 from farm.tasks.gc import orphaned_packs
-from tests.helpers import sample_png
+from tests.helpers import sample_png, wait_until
 from tests.test_cli import FARM, run_farm, user_env
 
 QUICK = ["--size", "16", "--steps", "1", "--strength", "1.0", "--seed", "3"]
+STALL_S = 20  # longer than a cancel and a render's start
 SLOW = ["--size", "32", "--steps", "12", "--strength", "1.0", "--seed", "4"]
 
 
@@ -82,16 +84,28 @@ def test_a_second_render_started_while_the_first_follows_leaves_it_complete(
     assert_complete(code2, out2, tmp_path / "out2", count)
 
 
-def test_a_cancelled_folder_rendered_again_renders(farm, farm_env, running, tmp_path) -> None:
+def test_a_cancelled_folder_rendered_again_renders(farm, farm_env, running, meta, tmp_path) -> None:
     count = 3
     folder = images(tmp_path / "in", count, hue=150)
     render = start_render(folder, tmp_path / "out", SLOW, farm_env)
     batch_line = render.stdout.readline()
     assert batch_line.startswith("batch "), batch_line
+    jobs = [farm.get(j.id) for j in farm.batch(batch_line.split()[1]).jobs()]
+    for job in jobs:  # the first to reach denoise stalls there, its stage still running
+        faults.arm(meta, job.id, "denoise", "step", f"sleep:{STALL_S}")
+    wait_until(lambda: any(_stalled(job) for job in jobs), 120, "a stalled denoise")
     cancelled = run_farm(["cancel", "--batch", batch_line.split()[1]], farm_env)
     assert cancelled.returncode == 0, cancelled.stdout + cancelled.stderr
     code, output = finish(render)
     assert code == 1 and "cancelled" in output, output
+    for job in jobs:  # the jobs cancelled before they reached denoise: no stall when rendered
+        meta.redis.delete(faults.fault_key(job.id, "denoise", "step"))
 
+    # At once, as a user would: the stalled stage is still stopping.
     again = run_farm(["render", str(folder), "-o", str(tmp_path / "out"), *SLOW], farm_env)
     assert_complete(again.returncode, again.stdout + again.stderr, tmp_path / "out", count)
+
+
+def _stalled(job) -> bool:
+    progress = job.progress()
+    return progress.stage == "denoise" and progress.step >= 1
