@@ -110,8 +110,9 @@ class Farm:
         if new.input_key:
             written.keys.append(new.input_key)
             self.ctx.store.put(new.input_key, data)
-        with transaction(self.ctx.db_url) as conn:
-            job_records.insert_jobs(conn, pipeline, [new], failures={})
+        with transaction(self.ctx.db_url) as conn:  # the job and its stage records, first queued
+            if not job_records.insert_jobs(conn, pipeline, [new], failures={}):
+                raise DuplicateJob("a job with this idempotency key was recorded meanwhile")
         written.job_ids.append(new.job_id)
         self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
         BrokerSender().send(new.job_id, new.pipeline, first, new.priority)
@@ -141,7 +142,7 @@ class Farm:
         if job.status() == JobStatus.DONE:
             return self._render_output_again(job)
         with transaction(self.ctx.db_url) as conn:
-            pipeline, priority, ready = job_records.prepare_resume(conn, job_id)
+            pipeline, priority, ready = job_records.reopen(conn, self.ctx.meta, job_id)
         return self._send_reopened(job, pipeline, priority, ready)
 
     def _render_output_again(self, job: Job) -> Job:
@@ -149,13 +150,12 @@ class Farm:
             job.result()
         except (ArtifactMissing, ArtifactCorrupt) as exc:
             with transaction(self.ctx.db_url) as conn:
-                pipeline, priority, ready = job_records.reopen_output(conn, job.id, exc)
-            return self._send_reopened(job, pipeline, priority, ready)
+                reopened = job_records.reopen_output(conn, self.ctx.meta, job.id, exc)
+            return self._send_reopened(job, *reopened)
         raise NotResumable(f"job {job.id} is done; there is nothing to resume.")
 
     def _send_reopened(self, job: Job, pipeline: str, priority: int, ready: list[str]) -> Job:
         job_id = job.id
-        self.ctx.meta.clear_cancel(job_id)
         if ready:
             self.ctx.meta.set_state(job_id, status="queued", stage=ready[0], step=0)
             BrokerSender().send(job_id, pipeline, ready, priority)

@@ -1,4 +1,5 @@
-"""The read-side handle on a batch: the jobs of one submitted folder, counted and followed."""
+"""The read-side handle on a batch: the jobs of one submitted folder, counted and followed (a
+job belongs to every batch that submitted its input)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from dataclasses import dataclass
 
 from sqlalchemy import func, select
 
+from farm.db.models import BatchJob, JobStatus
 from farm.db.models import Job as JobRow
-from farm.db.models import JobStatus
 from farm.db.session import session_scope
 from farm.job import JobInfo, list_jobs, queues_of, warn_if_no_workers
 from farm.tasks.context import Context
@@ -51,7 +52,8 @@ class Batch:
     def counts(self) -> BatchCounts:
         query = (
             select(JobRow.status, func.count())
-            .where(JobRow.batch_id == self.id)
+            .join(BatchJob, BatchJob.job_id == JobRow.id)
+            .where(BatchJob.batch_id == self.id)
             .group_by(JobRow.status)
         )
         with session_scope(self.ctx.db_url) as s:

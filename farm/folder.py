@@ -4,13 +4,17 @@ Files are read and uploaded in chunks (a thread pool for the object store, one d
 transaction per chunk) so memory stays flat however large the folder is. Each input's
 idempotency key is its content hash + pipeline + parameters + model: a second run of the same
 folder skips what is done, resumes what failed for a reason other than its input, and
-creates no duplicate job.
+creates no duplicate job. A job belongs to every batch that submitted its input, so two renders
+of one folder, at once or one after the other, share its jobs and each follows all of them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
+import os
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -22,11 +26,10 @@ from sqlalchemy import select
 
 from farm.batch import Batch
 from farm.db import job_records
-from farm.db.models import Job as JobRow
 from farm.db.models import JobStatus
-from farm.db.rows import Conn, jobs, lock_job, update_job
+from farm.db.rows import Conn, jobs, lock_job
 from farm.db.session import session_scope, transaction
-from farm.errors import DuplicateJob, FarmError, InvalidParameter, NotResumable, is_input_error
+from farm.errors import FarmError, InvalidParameter, NotResumable, is_input_error
 from farm.inputs import FolderListing, InputFile, read_input, scan_folder
 from farm.params import RenderParams
 from farm.pipelines import Pipeline, get_pipeline
@@ -38,8 +41,11 @@ if TYPE_CHECKING:
     from farm.api import Farm
 
 CHUNK = 64
-CHUNK_TRIES = 3  # a chunk that raced another submitter of the same files is submitted again
 UPLOAD_THREADS = 8
+# A cancelled job's running stage stops at its next step (a denoise step, or the end of a
+# shorter stage): how long a render of its folder waits to adopt it again.
+STOPPING_WAIT_S = 60.0
+STOPPING_POLL_S = 0.2
 # Inputs up to this size are packed, one object per chunk (at most CHUNK x this = 16 MiB):
 # per-object overhead, not bytes, is what a folder of small images costs the object store.
 PACK_LIMIT = 256 * 1024
@@ -62,11 +68,13 @@ class FolderSubmission:
     params: RenderParams
     priority: int
     batch_id: str = ""
+    base: Path = Path()
     skipped: list[str] = field(default_factory=list)
+    _stopping: list[str] = field(default_factory=list, init=False, repr=False)
     _packs: Iterator[int] = field(default_factory=itertools.count, init=False, repr=False)
 
     def run(self, folder: str | Path, recursive: bool) -> Batch:
-        base = Path(folder).expanduser().resolve()
+        self.base = base = Path(folder).expanduser().resolve()
         files = scan_folder(base, recursive)
         self.farm.check_servers()  # before anything is written, so a failure leaves nothing
         with session_scope(self.farm.ctx.db_url) as s:
@@ -77,6 +85,7 @@ class FolderSubmission:
         except Exception as exc:
             tell(exc, self._left_behind())
             raise
+        self._adopt_stopped()
         return Batch(self.farm.ctx, self.batch_id, self.skipped)
 
     def _submit_files(self, base: Path, files: FolderListing) -> None:
@@ -105,23 +114,14 @@ class FolderSubmission:
         )
 
     def _submit_chunk(self, files: list[InputFile], pool: ThreadPoolExecutor) -> None:
-        mark = len(self.skipped)
-        for tries_left in reversed(range(CHUNK_TRIES)):
-            written = Withdrawal(self.farm.ctx)
-            try:
-                return self._try_chunk(files, pool, written)
-            except DuplicateJob:
-                del self.skipped[mark:]  # what the failed try noted is noted again
-                written.take_back()  # what is left, if anything, is an upload for `farm gc`
-                if not tries_left:
-                    raise
-                # Another submitter recorded some of these inputs a moment ago; their jobs
-                # are "existing" on the next try.
-            except Exception as exc:
-                left = written.take_back()
-                if left:
-                    tell(exc, left)
-                raise
+        written = Withdrawal(self.farm.ctx)
+        try:
+            self._try_chunk(files, pool, written)
+        except Exception as exc:
+            left = written.take_back()
+            if left:
+                tell(exc, left)
+            raise
 
     def _try_chunk(
         self, files: list[InputFile], pool: ThreadPoolExecutor, written: Withdrawal
@@ -142,19 +142,33 @@ class FolderSubmission:
         failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
         with transaction(self.farm.ctx.db_url) as conn:
             first = [spec.name for spec in self.pipeline.ready(())]
-            new_ids = job_records.insert_jobs(conn, self.pipeline, jobs, failures)
-            to_send = [(job_id, first) for job_id in new_ids]
+            inserted = job_records.insert_jobs(conn, self.pipeline, jobs, failures)
+            # Another submitter recorded these inputs since the lookup: its jobs are adopted.
+            existing |= self._existing([k for k in new if ids[k] not in inserted], conn)
+            members = {existing.get(key) or ids[key]: f for key, f in by_key.items()}
+            job_records.join_batch(conn, self.batch_id, self._paths(members))
+            to_send = [(job_id, first) for job_id in sorted(inserted - failures.keys())]
             # jobs locked in one order, so two submitters of one folder never deadlock
             adopted = (self._adopt(conn, job_id) for job_id in sorted(existing.values()))
             to_send += filter(None, adopted)
-        written.job_ids += new_ids
+        written.job_ids += sorted(inserted)
         self.skipped += skipped
+        self._drop_unrecorded(placed, inserted)
         self._announce(to_send)
+
+    def _adopt_stopped(self) -> None:
+        """Adopt again the cancelled jobs whose stage was still stopping (it stops at its next
+        step): left cancelled, they would end this render as cancelled, not rendered."""
+        deadline = time.monotonic() + STOPPING_WAIT_S
+        while self._stopping and time.monotonic() < deadline:
+            time.sleep(STOPPING_POLL_S)
+            stopping, self._stopping = sorted(self._stopping), []
+            with transaction(self.farm.ctx.db_url) as conn:
+                to_send = list(filter(None, (self._adopt(conn, job_id) for job_id in stopping)))
+            self._announce(to_send)
 
     def _announce(self, to_send: list[tuple[str, list[str]]]) -> None:
         meta = self.farm.ctx.meta
-        for job_id, _ in to_send:
-            meta.clear_cancel(job_id)  # an adopted job cancelled earlier must run now
         meta.set_states(
             {
                 job_id: {"status": "queued", "stage": stages[0], "step": 0}
@@ -177,12 +191,30 @@ class FolderSubmission:
         text = f"{file.content_hash}|{self._render_digest}"
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def _existing(self, idem_keys: list[str]) -> dict[str, str]:
-        query = select(JobRow.idempotency_key, JobRow.id).where(
-            JobRow.idempotency_key.in_(idem_keys)
+    def _existing(self, idem_keys: list[str], conn: Conn | None = None) -> dict[str, str]:
+        """Idempotency key -> job id of the keys already recorded (in ``conn``'s transaction
+        when given)."""
+        if not idem_keys:
+            return {}
+        query = select(jobs.c.idempotency_key, jobs.c.id).where(
+            jobs.c.idempotency_key.in_(idem_keys)
         )
-        with session_scope(self.farm.ctx.db_url) as s:
-            return dict(s.execute(query).all())
+        if conn is not None:
+            return dict(conn.execute(query).all())
+        with transaction(self.farm.ctx.db_url) as own:
+            return dict(own.execute(query).all())
+
+    def _paths(self, members: dict[str, InputFile]) -> dict[str, bytes]:
+        """Job id -> its input's path in the folder, as the file system's bytes."""
+        return {job_id: os.fsencode(f.path.relative_to(self.base)) for job_id, f in members.items()}
+
+    def _drop_unrecorded(self, placed: dict[str, Placement], inserted: set[str]) -> None:
+        """Delete what was uploaded for inputs another submitter recorded first: no job of
+        ours points to it (gc would find it too, an hour later)."""
+        kept = {p.key for job_id, p in placed.items() if job_id in inserted}
+        for key in {p.key for p in placed.values()} - kept:
+            with contextlib.suppress(FarmError):
+                self.farm.ctx.store.delete(key)
 
     def _upload_inputs(
         self, files: dict[str, InputFile], pool: ThreadPoolExecutor, written: Withdrawal
@@ -220,19 +252,20 @@ class FolderSubmission:
         )
 
     def _adopt(self, conn: Conn, job_id: str) -> tuple[str, list[str]] | None:
-        """An input an earlier run already submitted: join this batch; resume it if it failed
-        (or was cancelled) for a reason other than its input; otherwise leave it be."""
+        """An input an earlier run already submitted (it joined this batch too): resume it if
+        it failed (or was cancelled) for a reason other than its input; otherwise leave it
+        be."""
         status, error_code, name = lock_job(
             conn, job_id, jobs.c.status, jobs.c.error_code, jobs.c.input_name
         )
-        update_job(conn, job_id, batch_id=self.batch_id)
         if status == JobStatus.DONE:
             self.skipped.append(name or job_id)
             return None
         if status in (JobStatus.FAILED, JobStatus.CANCELLED) and not is_input_error(error_code):
             try:
-                _, _, ready = job_records.prepare_resume(conn, job_id)
-            except NotResumable:  # cancelled, its stage still stopping: the next run takes it
+                _, _, ready = job_records.reopen(conn, self.farm.ctx.meta, job_id)
+            except NotResumable:  # cancelled, its stage still stopping: adopted once it stopped
+                self._stopping.append(job_id)
                 return None
             return (job_id, ready) if ready else None
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -20,34 +21,72 @@ from farm.api import Farm
 from farm.batch import Batch
 from farm.db.models import JobStatus
 from farm.errors import ArtifactCorrupt, ArtifactMissing, NotResumable
-from farm.job import Job, JobInfo, lost_runs, output_records
+from farm.inputs import display_name
+from farm.job import Job, JobInfo, batch_input_paths, lost_runs, output_records
 from farm.storage.verified import read_recorded
 
 POLL_S = 0.5
 SHOWN_RUNNING = 4  # per-job lines under the overall bar
 PLAIN_EVERY_S = 10.0  # without a terminal: a "n/N finished" line when nothing else was printed
+NAME_MAX = 255  # bytes in one file name, on every common Linux and macOS file system
+HASH_CHARS = 8  # of the sha256 that keeps a shortened name apart from the others
 
 
 def output_names(names: list[str]) -> dict[str, str]:
-    """Where each input's output goes under the output folder: ``sub/cat.jpg`` ->
-    ``sub/cat.png``. When inputs share a stem, the one named ``<stem>.png`` keeps that name and
-    each other one adds ``.png`` to its own name (``cat.png`` -> ``cat.png``, ``cat.jpg`` ->
-    ``cat.jpg.png``), so none overwrites another and no name ends in ``.png.png``. Should a name
-    still be taken (an input literally named ``cat.jpg.png`` as well), the next in sorted order
-    gets `` (2)``, `` (3)``... before ``.png``. The same input names always give the same
-    outputs."""
-    wanted = {name: str(PurePosixPath(name).with_suffix("")) + ".png" for name in names}
+    """Where each input's output goes under the output folder (README, "CLI"): ``sub/cat.jpg``
+    -> ``sub/cat.png``. Names are the file system's (undecodable bytes as surrogate escapes,
+    kept as they are in the output's name). The rule, deterministic and never giving two
+    inputs one output:
+
+    1. An input named ``<stem>.png`` keeps its name.
+    2. Another input whose ``<stem>.png`` no other input wants, and that is not a folder of
+       inputs, gets it; otherwise it adds ``.png`` to its own name (``cat.jpg.png``).
+    3. Should that be taken as well, the next in byte order gets `` (2)``, `` (3)``...
+       before ``.png``.
+    4. A file name over ``NAME_MAX`` bytes is cut, at a character, to fit with ``~`` and the
+       first ``HASH_CHARS`` hex digits of the sha256 of the name it replaces."""
+    wanted = {name: _stem(name) + ".png" for name in names}
     claims = Counter(wanted.values())
-    out = {name: name for name in names if wanted[name] == name}  # already <stem>.png
-    used = set(out)
-    for name in sorted(set(names) - used):
-        target = wanted[name] if claims[wanted[name]] == 1 else f"{name}.png"
-        base, number = target.removesuffix(".png"), 2
+    folders = {str(parent) for name in names for parent in PurePosixPath(name).parents}
+    out = {name: name for name in names if wanted[name] == name}  # rule 1
+    used = set(out.values()) | folders
+    for name in sorted(set(names) - set(out), key=os.fsencode):
+        alone = claims[wanted[name]] == 1 and wanted[name] not in folders
+        base = _stem(wanted[name]) if alone else name
+        target, number = _fit(base + ".png"), 2
         while target in used:
-            target, number = f"{base} ({number}).png", number + 1
+            target, number = _fit(f"{base} ({number}).png"), number + 1
         out[name] = target
         used.add(target)
     return out
+
+
+def _stem(name: str) -> str:
+    return str(PurePosixPath(name).with_suffix(""))
+
+
+def _fit(path: str) -> str:
+    """``path`` with its file name cut to ``NAME_MAX`` bytes, if longer (rule 4)."""
+    folder, _, name = path.rpartition("/")
+    if len(os.fsencode(name)) <= NAME_MAX:
+        return path
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:HASH_CHARS]
+    tail = f"~{digest}.png"
+    stem = name.removesuffix(".png")
+    while len(os.fsencode(stem + tail)) > NAME_MAX:
+        stem = stem[:-1]
+    return f"{folder}/{stem}{tail}" if folder else stem + tail
+
+
+def renamed(name: str, output: str) -> str | None:
+    """The summary's line for an output that is not plainly ``<stem>.png`` (another input or
+    a folder of inputs has that name: rules 2 and 3); None for one that is."""
+    plain = _stem(name) + ".png"
+    if output == plain:
+        return None
+    return (
+        f"renamed {display_name(name)} -> {display_name(output)} ({display_name(plain)} is taken)"
+    )
 
 
 def save_output(target: Path, checksum: str | None, fetch: Callable[[], bytes]) -> bool:
@@ -66,6 +105,15 @@ def _name(job: JobInfo) -> str:
     return job.input_name or job.id
 
 
+def _plan_outputs(farm: Farm, batch: Batch) -> tuple[dict[str, str], list[str]]:
+    """Each job's output name (from its input's path in the batch's folder), and a line for
+    every output that is not plainly ``<stem>.png``."""
+    paths = {job: os.fsdecode(path) for job, path in batch_input_paths(farm.ctx, batch.id).items()}
+    names = output_names(list(paths.values()))
+    lines = (renamed(path, names[path]) for path in sorted(paths.values(), key=os.fsencode))
+    return {job: names[path] for job, path in paths.items()}, [line for line in lines if line]
+
+
 class Follower:
     """Polls a batch, shows progress, and saves each output as soon as its job is done."""
 
@@ -73,6 +121,7 @@ class Follower:
         self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
         self.finished: set[str] = set()
         self.saved: dict[str, tuple[str, bool]] = {}  # done job -> its output, whether written
+        self.outputs, self.renamed = _plan_outputs(farm, batch)
 
     def run(self) -> list[JobInfo]:
         return self._run_bars() if self.console.is_terminal else self._run_plain()
@@ -83,7 +132,7 @@ class Follower:
         # a job resumed meanwhile (by anyone) is followed again, its output saved again
         self.finished -= {j.id for j in jobs if not j.finished}
         new = [j for j in jobs if j.finished and j.id not in self.finished]
-        rebuilding = self._save([j for j in new if j.status == JobStatus.DONE], jobs)
+        rebuilding = self._save([j for j in new if j.status == JobStatus.DONE])
         if rebuilding:  # queued again now: seen as unfinished until they are done again
             jobs, new = self.batch.jobs(), [j for j in new if j.id not in rebuilding]
         self._tell_lost_runs(new)
@@ -134,18 +183,17 @@ class Follower:
             error = f"  {job.error_code}: {job.error_message}" if job.error_code else ""
             return f"{job.status} {_name(job)}{error}"
         output, written = self.saved[job.id]
-        return f"done {_name(job)} -> {output}{'' if written else ' (unchanged)'}"
+        return f"done {_name(job)} -> {display_name(output)}{'' if written else ' (unchanged)'}"
 
-    def _save(self, done: list[JobInfo], jobs: list[JobInfo]) -> set[str]:
+    def _save(self, done: list[JobInfo]) -> set[str]:
         """Write the outputs of these done jobs. Returns the ids of those whose stored output
         was gone or changed: they are rendering it again, and are followed until they are."""
         if not done:
             return set()
-        names = output_names([_name(j) for j in jobs])
         records = output_records(self.farm.ctx, [j.id for j in done])
         store, rebuilding = self.farm.ctx.store, set()
         for job in done:
-            output, record = names[_name(job)], records[job.id]
+            output, record = self.outputs[job.id], records[job.id]
             fetch = partial(read_recorded, store, record)
             try:
                 written = save_output(self.out_dir / output, record.checksum, fetch)

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from sqlalchemy import func, select
 
 from farm.db.job_records import get_job
-from farm.db.models import TERMINAL, JobStatus, StageRun
+from farm.db.models import TERMINAL, BatchJob, JobStatus, StageRun
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
 from farm.errors import ArtifactCorrupt, ArtifactMissing, JobNotFound, NotDone
@@ -183,9 +183,27 @@ def list_jobs(
     if status:
         query = query.where(JobRow.status == status)
     if batch:
-        query = query.where(JobRow.batch_id == batch)
+        return _batch_jobs(ctx, query, batch)
     with session_scope(ctx.db_url) as s:
         return [job_info(row) for row in s.scalars(query)]
+
+
+def _batch_jobs(ctx: Context, query, batch: str) -> list[JobInfo]:
+    """The batch's jobs, each named as this batch's folder names its input (another batch
+    may have submitted the same bytes under another name)."""
+    query = query.join(BatchJob, BatchJob.job_id == JobRow.id).where(BatchJob.batch_id == batch)
+    with session_scope(ctx.db_url) as s:
+        rows = s.execute(query.add_columns(BatchJob.input_path)).all()
+        # shown as jobs.input_name is stored: bytes that are not UTF-8 as U+FFFD
+        named = ((row, path.decode("utf-8", "replace")) for row, path in rows)
+        return [replace(job_info(row), input_name=name) for row, name in named]
+
+
+def batch_input_paths(ctx: Context, batch: str) -> dict[str, bytes]:
+    """Job id -> its input's path in the batch's folder, as the file system's bytes."""
+    query = select(BatchJob.job_id, BatchJob.input_path).where(BatchJob.batch_id == batch)
+    with session_scope(ctx.db_url) as s:
+        return dict(s.execute(query).all())
 
 
 def output_records(ctx: Context, job_ids: list[str]) -> dict[str, Recorded]:
@@ -229,7 +247,10 @@ def lost_runs(ctx: Context, job_ids: list[str]) -> dict[str, dict[str, int]]:
 def queues_of(ctx: Context, *, job_id: str | None = None, batch: str | None = None) -> set[str]:
     """The queues a job (or every job of a batch) needs."""
     query = select(JobRow.pipeline).distinct()
-    query = query.where(JobRow.id == job_id) if job_id else query.where(JobRow.batch_id == batch)
+    if job_id:
+        query = query.where(JobRow.id == job_id)
+    else:
+        query = query.join(BatchJob, BatchJob.job_id == JobRow.id).where(BatchJob.batch_id == batch)
     with session_scope(ctx.db_url) as s:
         names = s.scalars(query).all()
     return {queue for name in names for queue in get_pipeline(name).queues()}

@@ -121,11 +121,11 @@ def test_a_stage_committed_done_is_never_failed_afterwards(stack: StackInfo) -> 
         assert job.status == "running" and job.stage_runs[0].status == "done"
 
 
-def test_a_cancelled_job_whose_stage_still_runs_is_not_resumed_yet(stack: StackInfo) -> None:
+def test_a_cancelled_job_whose_stage_still_runs_is_not_resumed_yet(stack: StackInfo, meta) -> None:
     url = stack.database_url
     job_id = new_job(url, "txt2img")
     with session_scope(url) as s:
         stage_records.begin_stage(s, job_id, "noise", "w", max_lost=3)
         job_records.mark_cancelled(s, job_id)
     with pytest.raises(NotResumable, match="still stopping"), session_scope(url) as s:
-        job_records.prepare_resume(s, job_id)
+        job_records.reopen(s, meta, job_id)

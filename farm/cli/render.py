@@ -159,10 +159,13 @@ def render(
             )
             console.print(f"batch {batch.id}", highlight=False)
             _warn_missing(farm, batch)
-            jobs = Follower(farm, batch, output, console).run()
+            follower = Follower(farm, batch, output, console)
+            jobs = follower.run()
     except KeyboardInterrupt:
         err.print(_interrupted(batch, embedded=embedded), soft_wrap=True, highlight=False)
         raise typer.Exit(130) from None
+    for line in follower.renamed:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
     console.print(summary(jobs, batch.skipped))
     console.print(f"outputs in {output.resolve()}  (batch {batch.id})", highlight=False)
     if any(j.status != "done" for j in jobs):

@@ -129,7 +129,7 @@ def cancel(
 def debug_run(job_id: str = JobId) -> None:
     """Run a job's remaining stages in this process, without Celery, to see a failure in the
     foreground (a failed or cancelled job is reopened first, as resume does)."""
-    from farm.db.job_records import prepare_resume
+    from farm.db.job_records import reopen
     from farm.db.session import transaction
     from farm.tasks.inline import run_job_inline
 
@@ -138,8 +138,7 @@ def debug_run(job_id: str = JobId) -> None:
     job_id = farm.get(job_id).id  # a prefix, as for status
     if farm.get(job_id).status() in ("failed", "cancelled"):
         with transaction(farm.ctx.db_url) as conn:
-            prepare_resume(conn, job_id)
-        farm.ctx.meta.clear_cancel(job_id)
+            reopen(conn, farm.ctx.meta, job_id)
     for stage, outcome in run_job_inline(farm.ctx, job_id):
         console.print(f"{stage:<12} {outcome}")
     info = farm.get(job_id).info()

@@ -5,11 +5,13 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TYPE_CHECKING
 
 from sqlalchemy import delete, exists, func, insert, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session, joinedload
 
-from farm.db.models import TERMINAL, Batch, Job, JobStatus, StageStatus
+from farm.db.models import TERMINAL, Batch, BatchJob, Job, JobStatus, StageStatus
 from farm.db.rows import (
     Conn,
     jobs,
@@ -22,6 +24,9 @@ from farm.db.rows import (
 )
 from farm.errors import FarmError, JobNotFound, NotResumable
 from farm.pipelines import Pipeline, get_pipeline
+
+if TYPE_CHECKING:
+    from farm.storage.metadata import Metadata
 
 
 def new_id() -> str:
@@ -50,29 +55,56 @@ def create_batch(session: Session, source: str | None, params: dict) -> Batch:
     return batch
 
 
+def join_batch(conn: Conn, batch_id: str, paths: dict[str, bytes]) -> None:
+    """Make these jobs (job id -> its input's path in the folder) members of the batch."""
+    if paths:
+        rows = [
+            {"batch_id": batch_id, "job_id": job_id, "input_path": path}
+            for job_id, path in sorted(paths.items())
+        ]
+        conn.execute(pg_insert(BatchJob.__table__).on_conflict_do_nothing(), rows)
+
+
 def insert_jobs(
     conn: Conn, pipeline: Pipeline, new_jobs: list[NewJob], failures: dict[str, FarmError]
-) -> list[str]:
+) -> set[str]:
     """Insert jobs of one pipeline, each with one record per stage, in two statements (jobs,
     then their stage records). Jobs in ``failures`` are recorded as failed at submit; the
-    others get their first stages queued. Returns the ids of the jobs to enqueue. Core
-    statements: the ORM's per-object bookkeeping would cost more than the database itself."""
+    others get their first stages queued. A job whose idempotency key is recorded already
+    (another submitter's, maybe committed just now) is not inserted. Returns the ids of the
+    jobs inserted. Core statements: the ORM's per-object bookkeeping would cost more than the
+    database itself."""
     if not new_jobs:
-        return []
+        return set()
     # The database's clock, as everywhere else (the reconciler compares queued_at with it).
     now = conn.execute(select(func.now())).scalar_one()
     first = {spec.name for spec in pipeline.ready(())}
-    # Table-level inserts: one multi-row statement each (the ORM would split rows by shape).
-    conn.execute(insert(jobs), [_job_row(new, failures.get(new.job_id), now) for new in new_jobs])
-    conn.execute(
-        insert(runs),
-        [
-            _stage_row(new.job_id, i, spec, spec.name in first and new.job_id not in failures, now)
-            for new in new_jobs
-            for i, spec in enumerate(pipeline.stages)
-        ],
+    # Keys in one order, so two submitters inserting the same keys wait on each other, never
+    # deadlock; a key taken meanwhile waits for its holder's commit, then is skipped.
+    rows = sorted(
+        (_job_row(new, failures.get(new.job_id), now) for new in new_jobs),
+        key=lambda row: row["idempotency_key"] or "",
     )
-    return [new.job_id for new in new_jobs if new.job_id not in failures]
+    statement = (
+        pg_insert(jobs)
+        .on_conflict_do_nothing(index_elements=["idempotency_key"])
+        .returning(jobs.c.id)
+    )
+    inserted = set(conn.execute(statement, rows).scalars())
+    if inserted:
+        # Table-level inserts: one multi-row statement (the ORM would split rows by shape).
+        conn.execute(
+            insert(runs),
+            [
+                _stage_row(
+                    new.job_id, i, spec, spec.name in first and new.job_id not in failures, now
+                )
+                for new in new_jobs
+                if new.job_id in inserted
+                for i, spec in enumerate(pipeline.stages)
+            ],
+        )
+    return inserted
 
 
 def delete_jobs(conn: Conn, job_ids: list[str]) -> None:
@@ -82,9 +114,10 @@ def delete_jobs(conn: Conn, job_ids: list[str]) -> None:
 
 def drop_batch_if_empty(conn: Conn, batch_id: str) -> int:
     """How many jobs the batch holds; a batch that holds none is removed."""
-    count = conn.execute(select(func.count()).where(jobs.c.batch_id == batch_id)).scalar_one()
+    member = BatchJob.batch_id == batch_id
+    count = conn.execute(select(func.count()).select_from(BatchJob).where(member)).scalar_one()
     if not count:
-        holds_none = ~exists().where(jobs.c.batch_id == batch_id)  # none joined meanwhile
+        holds_none = ~exists().where(member)  # none joined meanwhile
         conn.execute(delete(Batch).where(Batch.id == batch_id, holds_none))
     return count
 
@@ -161,11 +194,16 @@ def mark_cancelled(conn: Conn, job_id: str) -> bool:
     return True
 
 
-def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
+def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[str, int, list[str]]:
     """Reopen a failed or cancelled job: every stage not done goes back to pending, and the
     ready ones are marked queued and returned, with the job's pipeline and priority. Done
     stages keep their records and are not re-run. NotResumable for any other job: resuming a
-    running one would throw its running stage's work away."""
+    running one would throw its running stage's work away.
+
+    The one way every path (resume, a folder rendered again, debug-run) reopens a job, because
+    each must also clear the job's cancel flag, or its first stage would find the old flag and
+    cancel it again. Cleared under the job's lock, before the commit, so no delivery of the
+    reopened job can find the old flag."""
     status, pipeline_name, priority = lock_job(
         conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority
     )
@@ -187,14 +225,18 @@ def prepare_resume(conn: Conn, job_id: str) -> tuple[str, int, list[str]]:
     done = {name for name, s in statuses.items() if s == StageStatus.DONE}
     ready = [spec.name for spec in get_pipeline(pipeline_name).ready(done)]
     mark_queued(conn, job_id, ready)
+    meta.clear_cancel(job_id)
     return pipeline_name, priority, ready
 
 
-def reopen_output(conn: Conn, job_id: str, error: FarmError) -> tuple[str, int, list[str]]:
+def reopen_output(
+    conn: Conn, meta: Metadata, job_id: str, error: FarmError
+) -> tuple[str, int, list[str]]:
     """A done job whose stored output is gone or changed: the stage that wrote it goes back to
     queued (and reads its own input, rebuilding further up if that is lost too). Returns the
     pipeline, priority and the stage to send. NotResumable if the job is no longer done
-    (another client reopened it first)."""
+    (another client reopened it first). Clears the cancel flag as ``reopen`` does (a cancel
+    asked for after the job was done still set it)."""
     status, pipeline_name, priority, output_key = lock_job(
         conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority, jobs.c.output_key
     )
@@ -211,6 +253,7 @@ def reopen_output(conn: Conn, job_id: str, error: FarmError) -> tuple[str, int, 
         current_stage=stage,
         finished_at=None,
     )
+    meta.clear_cancel(job_id)
     return pipeline_name, priority, [stage]
 
 

@@ -1,7 +1,9 @@
 """SQLAlchemy models: the source of truth for jobs and their stages.
 
 One ``jobs`` row per job, one ``stage_runs`` row per (job, stage) — created with the job, so a
-job's stage table is complete from the start and a stage can never be recorded twice.
+job's stage table is complete from the start and a stage can never be recorded twice. A job
+belongs to every batch that submitted its input (``batch_jobs``): two renders of one folder
+share its jobs, and each still sees all of them.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -82,6 +85,23 @@ class Batch(Base):
     jobs: Mapped[list[Job]] = relationship(back_populates="batch")
 
 
+class BatchJob(Base):
+    """A job as one batch submitted it: a job joins every batch whose folder holds its input."""
+
+    __tablename__ = "batch_jobs"
+
+    batch_id: Mapped[str] = mapped_column(
+        ForeignKey("batches.id", ondelete="CASCADE"), primary_key=True
+    )
+    job_id: Mapped[str] = mapped_column(
+        ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True, index=True
+    )
+    # The input's path in the submitted folder, exactly as the file system spells it: bytes,
+    # because a name need not be UTF-8 (``jobs.input_name`` holds U+FFFD there), and the
+    # output is named after it.
+    input_path: Mapped[bytes] = mapped_column(LargeBinary)
+
+
 class Job(Base):
     """One image rendered through one pipeline."""
 
@@ -93,6 +113,7 @@ class Job(Base):
     status: Mapped[str] = mapped_column(String(16), index=True, default=JobStatus.QUEUED)
     current_stage: Mapped[str | None] = mapped_column(String(64))
     priority: Mapped[int] = mapped_column(Integer, default=5)
+    # The batch that first submitted it; batch_jobs lists every batch it belongs to.
     batch_id: Mapped[str | None] = mapped_column(ForeignKey("batches.id"), index=True)
     input_name: Mapped[str | None] = mapped_column(Text)  # the user's file name: metadata only
     input_key: Mapped[str | None] = mapped_column(Text)
