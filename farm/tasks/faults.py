@@ -2,7 +2,8 @@
 
 A test arms a fault in Redis for one (job, stage, point); the worker consumes it once:
 ``fail`` raises StageFailed, ``transient`` a retryable StorageError (a service hiccup),
-``kill`` SIGKILLs the worker process, ``sleep:N`` stalls.
+``kill`` SIGKILLs the worker process, ``sleep:N`` stalls. ``full`` raises the StorageError of
+a store whose disk is full every time, until the test disarms it.
 """
 
 from __future__ import annotations
@@ -30,6 +31,10 @@ def arm(meta: Metadata, job_id: str, stage: str, point: str, action: str) -> Non
     meta.redis.set(fault_key(job_id, stage, point), action, ex=600)
 
 
+def disarm(meta: Metadata, job_id: str, stage: str, point: str) -> None:
+    meta.redis.delete(fault_key(job_id, stage, point))
+
+
 def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
     if not ENABLED:
         return
@@ -41,6 +46,9 @@ def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
         raise StageFailed(f"injected failure at {stage}/{point}")
     if action == "transient":
         raise StorageError(f"injected transient fault at {stage}/{point}")
+    if action == "full":
+        arm(meta, job_id, stage, point, action)  # a full disk stays full
+        raise StorageError(f"injected at {stage}/{point}: the disk is full (no space left)")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action and action.startswith("sleep:"):
