@@ -98,6 +98,7 @@ class TransientError(FarmError):
 
     code = "TRANSIENT"
     retryable = True
+    service = "a service"  # what the farm is waiting on, as users call it
 
 
 class StorageError(TransientError):
@@ -105,24 +106,28 @@ class StorageError(TransientError):
     disk)."""
 
     code = "STORAGE_UNAVAILABLE"
+    service = "storage"
 
 
 class DatabaseError(TransientError):
     """Postgres could not be reached."""
 
     code = "DATABASE_UNAVAILABLE"
+    service = "Postgres"
 
 
 class MetadataError(TransientError):
     """Redis (progress, leases, cancel flags) could not be reached."""
 
     code = "REDIS_UNAVAILABLE"
+    service = "Redis"
 
 
 class BrokerUnavailable(TransientError):
     """The Celery broker could not be reached, so a message was not sent."""
 
     code = "BROKER_UNAVAILABLE"
+    service = "the broker"
 
 
 class StorageRefused(FarmError):
@@ -225,6 +230,17 @@ class StageFailed(FarmError):
     """A stage raised an unexpected error."""
 
     code = "STAGE_FAILED"
+
+
+# A transient error's code -> the service it waits on.
+_SERVICES = {cls.code: cls.service for cls in (TransientError, *TransientError.__subclasses__())}
+TRANSIENT_CODES = frozenset(_SERVICES)
+
+
+def service_of(code: str | None) -> str | None:
+    """The service a recorded transient error ``code`` waits on (``Postgres``...); None for
+    any other code."""
+    return _SERVICES.get(code or "")
 
 
 def is_input_error(code: str | None) -> bool:

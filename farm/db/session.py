@@ -70,13 +70,23 @@ def _unreachable_is_transient() -> Iterator[None]:
     try:
         yield
     except _TRANSIENT as exc:
-        reason = type(getattr(exc, "orig", None) or exc).__name__
-        raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
+        raise DatabaseError(_unavailable(exc)) from exc
     except sa_exc.IntegrityError as exc:
         diag = getattr(exc.orig, "diag", None)
         if getattr(diag, "constraint_name", None) == IDEMPOTENCY_CONSTRAINT:
             raise DuplicateJob("a job with this idempotency key was recorded meanwhile") from exc
         raise
+
+
+def _unavailable(exc: sa_exc.DBAPIError) -> str:
+    """Why Postgres failed for now, in its own words when it answered (a full disk:
+    "could not extend file ...: No space left on device"), else that it is unreachable."""
+    orig = getattr(exc, "orig", None)
+    reason = type(orig or exc).__name__
+    said = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if said:
+        return f"Postgres failed ({reason}): {said}; will retry"
+    return f"Postgres is unreachable ({reason}); will retry"
 
 
 def dispose_engines() -> None:

@@ -26,7 +26,7 @@ from farm.db.rows import (
     stage_statuses,
     update_job,
 )
-from farm.errors import JobNotFound, TransientError
+from farm.errors import JobNotFound
 from farm.pipelines import get_pipeline
 
 
@@ -210,15 +210,18 @@ def fail_stage(
         )
 
 
-def requeue_stage(conn: Conn, job_id: str, stage: str, attempt: int, reason: str) -> None:
-    """A transient fault: the stage goes back to queued and its retry message is on the way."""
+def requeue_stage(
+    conn: Conn, job_id: str, stage: str, attempt: int, code: str, reason: str
+) -> None:
+    """A transient fault: the stage goes back to queued and its retry message is on the way.
+    ``code`` (a TransientError's) says which service it waits on, ``reason`` why."""
     conn.execute(
         update(runs)
         .where(fenced(job_id, stage, attempt))
         .values(
             status=StageStatus.QUEUED,
             queued_at=func.now(),
-            error_code=TransientError.code,
+            error_code=code,
             error_message=reason,
         )
     )

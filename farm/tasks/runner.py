@@ -131,7 +131,7 @@ class StageRun:
             return "lease-lost"
         except FarmError as exc:
             if exc.retryable:  # a service is down: back to queued, Celery retries with backoff
-                self._requeue(str(exc))
+                self._requeue(exc)
                 raise
             self._fail(exc.code, exc.message)
             return "failed"
@@ -257,10 +257,13 @@ class StageRun:
             stage_records.cancel_stage(conn, self.job_id, self.stage, self.attempt)
         self._live("finish", self.job_id, "cancelled")
 
-    def _requeue(self, reason: str) -> None:
+    def _requeue(self, exc: FarmError) -> None:
+        """Back to queued, recording which service it waits on and why (users see it)."""
         try:
             with transaction(self.ctx.db_url) as conn:
-                stage_records.requeue_stage(conn, self.job_id, self.stage, self.attempt, reason)
+                stage_records.requeue_stage(
+                    conn, self.job_id, self.stage, self.attempt, exc.code, exc.message
+                )
         except FarmError:
             pass  # the database itself is down; the retry will find the record as it was
 
