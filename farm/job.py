@@ -133,8 +133,10 @@ class Job:
         changed = on_change(on_progress) if on_progress is not None else None
 
         def report(info: JobInfo) -> None:
-            progress = live.try_call(self.progress, None) if changed is not None else None
-            if progress is not None and not info.finished:
+            if changed is None or info.finished:
+                return
+            progress = live.try_call(self.progress, None)
+            if progress is not None:
                 changed(progress)
 
         return poll_until(
