@@ -5,10 +5,12 @@ Real servers, real workers, the real CLI in a subprocess (README, Reliability)."
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -83,6 +85,25 @@ def test_render_rides_out_a_server_killed_under_it(
     # workers' stages waited on
     assert re.search(rf"waiting (for|on) {name}", output), output
     assert "8 inputs: 8 done" in output
+
+
+def test_wait_and_result_ride_out_postgres_killed_under_them(
+    farm, running, local_stack, tmp_path, caplog
+) -> None:
+    batch = farm.submit_folder(folder_of(tmp_path, 2, 190), size=64, steps=12, seed=190)
+    job = farm.get(batch.jobs()[0].id)
+    local_stack.kill_service("postgres")
+    restart = threading.Timer(8, local_stack.start_service, args=("postgres",))
+    restart.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="farm.waiting"):
+            assert batch.wait(timeout=240).done == 2
+    finally:
+        restart.join()
+    assert job.wait(timeout=60).status == "done"
+    assert job.result().startswith(b"\x89PNG")
+    assert "waiting for Postgres" in caplog.text
+    assert "Postgres is back after" in caplog.text
 
 
 def job_of(farm, folder: Path) -> JobRow | None:
