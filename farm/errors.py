@@ -32,11 +32,13 @@ carries one of the INPUT_* codes, which say what is wrong with the file).
      ├── StageCrashed            STAGE_CRASHED
      └── StageFailed             STAGE_FAILED
 
-Only ``TransientError`` and its subclasses are ``retryable``, and that is a property of the
-class, never of one instance: ``except TransientError`` can never catch an authentication
-failure. Third-party errors (botocore, redis, psycopg2, kombu) are mapped to these at their
-boundary (the stores, the session, the metadata client, dispatch) with ``raise ... from exc``,
-so users never see a library traceback.
+Each ``TransientError`` names the ``service`` it waits on (``service_of`` maps a recorded code
+back to it: what users see while a stage waits for its retry). Only ``TransientError`` and its
+subclasses are ``retryable``, and that is a property of the class, never of one instance:
+``except TransientError`` can never catch an authentication failure. Third-party errors
+(botocore, redis, psycopg2, kombu) are mapped to these at their boundary (the stores, the
+session, the metadata client, dispatch) with ``raise ... from exc``, so users never see a
+library traceback.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Column, Table
 
 from farm.api import Farm
@@ -33,7 +34,8 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
     if info.error_code:
         console.print(f"[red]{info.error_code}[/]: {info.error_message}")
     if info.waiting_on:
-        console.print(f"[yellow]waiting on {info.waiting_on}[/]: {info.waiting_reason}")
+        # the reason is the service's own words: never read as markup
+        console.print(f"[yellow]waiting on {info.waiting_on}[/]: {escape(info.waiting_reason)}")
     for s in stages:
         if s.lost_runs:
             console.print(
