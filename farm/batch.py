@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from farm.db.models import BatchJob, JobStatus
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
-from farm.job import JobInfo, list_jobs, queues_of, warn_if_no_workers
+from farm.job import JobInfo, list_jobs, patience, warn_if_no_workers
 from farm.tasks.context import Context
 from farm.waiting import on_change, poll_until
 
@@ -67,13 +67,15 @@ class Batch:
         poll: float = 0.5,
     ) -> BatchCounts:
         """Block until every job of the batch has finished; TimeoutError after ``timeout``.
-        ``on_progress`` hears of each change of the counts (not of every poll)."""
-        warn_if_no_workers(self.ctx, queues_of(self.ctx, batch=self.id))
+        ``on_progress`` hears of each change of the counts (not of every poll). Rides out an
+        outage of Postgres or Redis of up to ``FARM_OUTAGE_TIMEOUT`` seconds (logged)."""
+        warn_if_no_workers(self.ctx, batch=self.id)
         return poll_until(
             self.counts,
             lambda counts: counts.finished,
             timeout=timeout,
             poll=poll,
+            patience=patience(self.ctx),
             report=on_change(on_progress) if on_progress is not None else None,
             what=f"batch {self.id}",
         )

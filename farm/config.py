@@ -64,6 +64,9 @@ class Settings(BaseSettings):
     lease_ttl: int = Field(30, ge=2, description="a stage is presumed dead after this, seconds")
     max_deliveries: int = Field(3, ge=1, description="crashes of one stage before it fails")
     reconcile_interval: int = Field(15, ge=1, description="seconds between reconciler passes")
+    outage_timeout: float = Field(
+        600, gt=0, description="seconds a client waits for an unreachable service, then fails"
+    )
     signing_key: Path | None = Field(None, description="PEM private key: sign task messages")
     signing_cert: Path | None = Field(None, description="PEM certificate of that key")
     signing_cert_store: Path | None = Field(None, description="folder of trusted certificates")

@@ -37,11 +37,13 @@ carries one of the INPUT_* codes, which say what is wrong with the file).
      ├── StageCrashed            STAGE_CRASHED
      └── StageFailed             STAGE_FAILED
 
-Only ``TransientError`` and its subclasses are ``retryable``, and that is a property of the
-class, never of one instance: ``except TransientError`` can never catch an authentication
-failure. Third-party errors (botocore, redis, psycopg2, kombu) are mapped to these at their
-boundary (the stores, the session, the metadata client, dispatch) with ``raise ... from exc``,
-so users never see a library traceback.
+Each ``TransientError`` names the ``service`` it waits on (``service_of`` maps a recorded code
+back to it: what users see while a stage waits for its retry). Only ``TransientError`` and its
+subclasses are ``retryable``, and that is a property of the class, never of one instance:
+``except TransientError`` can never catch an authentication failure. Third-party errors
+(botocore, redis, psycopg2, kombu) are mapped to these at their boundary (the stores, the
+session, the metadata client, dispatch) with ``raise ... from exc``, so users never see a
+library traceback.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ class TransientError(FarmError):
 
     code = "TRANSIENT"
     retryable = True
+    service = "a service"  # what the farm is waiting on, as users call it
 
 
 class StorageError(TransientError):
@@ -121,24 +124,28 @@ class StorageError(TransientError):
     disk)."""
 
     code = "STORAGE_UNAVAILABLE"
+    service = "storage"
 
 
 class DatabaseError(TransientError):
     """Postgres could not be reached."""
 
     code = "DATABASE_UNAVAILABLE"
+    service = "Postgres"
 
 
 class MetadataError(TransientError):
     """Redis (progress, leases, cancel flags) could not be reached."""
 
     code = "REDIS_UNAVAILABLE"
+    service = "Redis"
 
 
 class BrokerUnavailable(TransientError):
     """The Celery broker could not be reached, so a message was not sent."""
 
     code = "BROKER_UNAVAILABLE"
+    service = "the broker"
 
 
 class AuthFailed(FarmError):
@@ -265,6 +272,17 @@ class StageFailed(FarmError):
     """A stage raised an unexpected error."""
 
     code = "STAGE_FAILED"
+
+
+# A transient error's code -> the service it waits on.
+_SERVICES = {cls.code: cls.service for cls in (TransientError, *TransientError.__subclasses__())}
+TRANSIENT_CODES = frozenset(_SERVICES)
+
+
+def service_of(code: str | None) -> str | None:
+    """The service a recorded transient error ``code`` waits on (``Postgres``...); None for
+    any other code."""
+    return _SERVICES.get(code or "")
 
 
 def is_input_error(code: str | None) -> bool:

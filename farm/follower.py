@@ -22,14 +22,26 @@ from farm.batch import Batch
 from farm.db.models import JobStatus
 from farm.errors import ArtifactCorrupt, ArtifactMissing, NotResumable
 from farm.inputs import display_name
-from farm.job import Job, JobInfo, batch_input_paths, lost_runs, output_records
+from farm.job import (
+    Job,
+    JobInfo,
+    batch_input_paths,
+    lost_runs,
+    missing_queues,
+    output_records,
+    patience,
+)
+from farm.job import Progress as JobProgress
+from farm.pipelines import get_pipeline
 from farm.storage.verified import read_recorded
+from farm.waiting import Outage
 
 POLL_S = 0.5
 SHOWN_RUNNING = 4  # per-job lines under the overall bar
 PLAIN_EVERY_S = 10.0  # without a terminal: a "n/N finished" line when nothing else was printed
 NAME_MAX = 255  # bytes in one file name, on every common Linux and macOS file system
 HASH_CHARS = 8  # of the sha256 that keeps a shortened name apart from the others
+UNKNOWN = JobProgress(status="running", stage=None, step=0, steps=0)  # while Redis is down
 
 
 def output_names(names: list[str]) -> dict[str, str]:
@@ -115,24 +127,44 @@ def _plan_outputs(farm: Farm, batch: Batch) -> tuple[dict[str, str], list[str]]:
 
 
 class Follower:
-    """Polls a batch, shows progress, and saves each output as soon as its job is done."""
+    """Polls a batch, shows progress, and saves each output as soon as its job is done.
+
+    It says what the farm waits on: a service this command cannot reach (and it tries again
+    for up to FARM_OUTAGE_TIMEOUT seconds, as workers do), a service a job's stage waits on
+    (out of space, say), or a queue no worker consumes."""
 
     def __init__(self, farm: Farm, batch: Batch, out_dir: Path, console: Console) -> None:
         self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
         self.finished: set[str] = set()
         self.saved: dict[str, tuple[str, bool]] = {}  # done job -> its output, whether written
         self.outputs, self.renamed = _plan_outputs(farm, batch)
+        self.records = patience(farm.ctx, self._tell_outage)  # Postgres, S3: needed to go on
+        self.live = patience(farm.ctx, self._tell_outage)  # Redis: progress, live workers
+        self.outage_told = 0.0  # when the current outage was last told
+        self.waiting: dict[str, str] = {}  # job -> the service it was last told to wait on
+        self.missing: set[str] | None = None  # queues no live worker consumes, as last told
 
     def run(self) -> list[JobInfo]:
         return self._run_bars() if self.console.is_terminal else self._run_plain()
 
     def _poll(self) -> tuple[list[JobInfo], list[JobInfo]]:
-        """The batch's jobs, and those that finished since the last poll (outputs saved)."""
+        jobs, new = self.records.call(self._poll_records)
+        self._tell_waiting(jobs)
+        self.live.try_call(partial(self._tell_missing_workers, jobs), None)
+        return jobs, new
+
+    def _poll_records(self) -> tuple[list[JobInfo], list[JobInfo]]:
+        """The batch's jobs, and those that finished since the last poll (outputs saved).
+        Tried again as a whole after an outage, so it skips the outputs it saved already."""
         jobs = self.batch.jobs()
         # a job resumed meanwhile (by anyone) is followed again, its output saved again
-        self.finished -= {j.id for j in jobs if not j.finished}
+        reopened = {j.id for j in jobs if not j.finished}
+        self.finished -= reopened
+        for job_id in reopened & self.saved.keys():
+            del self.saved[job_id]
         new = [j for j in jobs if j.finished and j.id not in self.finished]
-        rebuilding = self._save([j for j in new if j.status == JobStatus.DONE])
+        done = [j for j in new if j.status == JobStatus.DONE and j.id not in self.saved]
+        rebuilding = self._save(done)
         if rebuilding:  # queued again now: seen as unfinished until they are done again
             jobs, new = self.batch.jobs(), [j for j in new if j.id not in rebuilding]
         self._tell_lost_runs(new)
@@ -170,6 +202,7 @@ class Follower:
                 quiet_since = time.monotonic()
             elif time.monotonic() - quiet_since >= PLAIN_EVERY_S:
                 counts = Counter(j.status for j in jobs)
+                counts.update(f"waiting on {j.waiting_on}" for j in jobs if j.waiting_on)
                 states = ", ".join(f"{n} {status}" for status, n in sorted(counts.items()))
                 self._plain(f"[{len(self.finished)}/{len(jobs)}] finished; {states}")
                 quiet_since = time.monotonic()
@@ -219,11 +252,45 @@ class Follower:
                 soft_wrap=True,
             )
 
+    def _tell_outage(self, outage: Outage) -> None:
+        """One line when an outage begins or ends, and one every PLAIN_EVERY_S while it lasts."""
+        if outage.phase == "lasts" and time.monotonic() - self.outage_told < PLAIN_EVERY_S:
+            return
+        self.outage_told = time.monotonic()
+        self._plain(str(outage))
+
+    def _tell_waiting(self, jobs: list[JobInfo]) -> None:
+        """One line when a job starts waiting on a service (a full disk, an outage the
+        workers ride out), with what the service answered."""
+        waiting = {j.id: j for j in jobs if j.waiting_on}
+        for job in waiting.values():
+            if self.waiting.get(job.id) != job.waiting_on:
+                self._plain(f"{_name(job)}: waiting on {job.waiting_on}: {job.waiting_reason}")
+        self.waiting = {job_id: job.waiting_on for job_id, job in waiting.items()}
+
+    def _tell_missing_workers(self, jobs: list[JobInfo]) -> None:
+        """A line when the queues that no live worker consumes change (at the start too)."""
+        unfinished = {j.pipeline for j in jobs if not j.finished}
+        queues = {queue for name in unfinished for queue in get_pipeline(name).queues()}
+        if not queues:
+            return  # all finished: nothing waits on a worker
+        missing = missing_queues(self.farm.ctx, queues)
+        if missing and missing != self.missing:
+            self._plain(
+                f"warning: no worker consumes {', '.join(sorted(missing))}: jobs wait until "
+                "one starts (farm up, or farm worker --role ...)"
+            )
+        elif self.missing and not missing:
+            self._plain("every queue has a worker again")
+        self.missing = missing
+
     def _show_running(self, bars: Progress, lines: list, jobs: list[JobInfo]) -> None:
         running = [j for j in jobs if j.status == JobStatus.RUNNING][: len(lines)]
         for line, job in zip(lines, running, strict=False):
-            p = Job(self.farm.ctx, job.id).progress()
+            p = self.live.try_call(Job(self.farm.ctx, job.id).progress, UNKNOWN)
             text = f"  {job.input_name}: {p.stage or '…'}"
+            if job.waiting_on:
+                text += f" (waiting on {job.waiting_on})"
             total = p.steps if p.stage == "denoise" and p.steps else None
             bars.update(line, description=text, total=total, completed=p.step, visible=True)
         for line in lines[len(running) :]:

@@ -7,23 +7,33 @@ or Redis (live progress).
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from sqlalchemy import func, select
+from sqlalchemy.orm import Session
 
 from farm.db.job_records import get_job
-from farm.db.models import TERMINAL, BatchJob, JobStatus, StageRun
+from farm.db.models import TERMINAL, BatchJob, JobStatus, StageRun, StageStatus
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
-from farm.errors import ArtifactCorrupt, ArtifactMissing, JobNotFound, NotDone
+from farm.errors import (
+    TRANSIENT_CODES,
+    ArtifactCorrupt,
+    ArtifactMissing,
+    JobNotFound,
+    NotDone,
+    TransientError,
+    service_of,
+)
 from farm.pipelines import get_pipeline
 from farm.storage.base import ArtifactStore
 from farm.storage.verified import Recorded, read_recorded
 from farm.tasks.context import Context
-from farm.waiting import on_change, poll_until
+from farm.waiting import Outage, Patience, log_outage, on_change, poll_until
 
 ID_LENGTH = 32  # uuid4().hex
 _HEX = frozenset("0123456789abcdef")
@@ -49,6 +59,7 @@ class StageInfo:
     artifact_size: int | None
     error_code: str | None
     error_message: str | None
+    waiting_on: str | None  # the service its retry waits on ("storage", "Postgres"...)
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,10 @@ class JobInfo:
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    # A stage of the unfinished job is queued for a retry because a service failed (down,
+    # out of space): which one, and what it answered.
+    waiting_on: str | None
+    waiting_reason: str | None
 
     @property
     def finished(self) -> bool:
@@ -96,7 +111,7 @@ class Job:
 
     def info(self) -> JobInfo:
         with session_scope(self.ctx.db_url) as s:
-            return job_info(get_job(s, self.id))
+            return job_infos(s, [get_job(s, self.id)])[0]
 
     def status(self) -> str:
         return self.info().status
@@ -122,36 +137,49 @@ class Job:
     ) -> JobInfo:
         """Block until the job is done, failed or cancelled; TimeoutError after ``timeout``.
         ``on_progress`` hears of each change of the live progress (not of every poll).
-        Warns (NoWorkerWarning) when no live worker consumes a queue the job needs."""
-        warn_if_no_workers(self.ctx, queues_of(self.ctx, job_id=self.id))
+        Warns (NoWorkerWarning) when no live worker consumes a queue the job needs. Rides out
+        an outage of Postgres or Redis of up to ``FARM_OUTAGE_TIMEOUT`` seconds (logged)."""
+        warn_if_no_workers(self.ctx, job_id=self.id)
+        live = patience(self.ctx)  # progress is best-effort: it never holds up the wait
         changed = on_change(on_progress) if on_progress is not None else None
 
         def report(info: JobInfo) -> None:
-            if changed is not None and not info.finished:
-                changed(self.progress())
+            if changed is None or info.finished:
+                return
+            progress = live.try_call(self.progress, None)
+            if progress is not None:
+                changed(progress)
 
         return poll_until(
             self.info,
             lambda info: info.finished,
             timeout=timeout,
             poll=poll,
+            patience=patience(self.ctx),
             report=report,
             what=f"job {self.id}",
         )
 
     def result(self) -> bytes:
         """The output PNG's bytes, checked against its record; NotDone if the job is not done,
-        ArtifactMissing or ArtifactCorrupt if the stored output is gone or was changed."""
-        info = self.info()
-        record = output_records(self.ctx, [self.id]).get(self.id)
+        ArtifactMissing or ArtifactCorrupt if the stored output is gone or was changed. Rides
+        out an outage of Postgres or S3, as ``wait`` does."""
+        records = patience(self.ctx)
+        info = records.call(self.info)
+        record = records.call(partial(output_records, self.ctx, [self.id])).get(self.id)
         if info.status != JobStatus.DONE or record is None:
             raise NotDone(f"job {self.id} is {info.status}, it has no output")
-        return read_output(self.ctx.store, record)
+        return records.call(partial(read_output, self.ctx.store, record))
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.write_bytes(self.result())
         return path
+
+
+def patience(ctx: Context, on_wait: Callable[[Outage], None] = log_outage) -> Patience:
+    """How long this client rides out an outage: ``FARM_OUTAGE_TIMEOUT``."""
+    return Patience(ctx.settings.outage_timeout, on_wait)
 
 
 def resolve_id(ctx: Context, id_or_prefix: str) -> str:
@@ -185,7 +213,7 @@ def list_jobs(
     if batch:
         return _batch_jobs(ctx, query, batch)
     with session_scope(ctx.db_url) as s:
-        return [job_info(row) for row in s.scalars(query)]
+        return job_infos(s, s.scalars(query).all())
 
 
 def _batch_jobs(ctx: Context, query, batch: str) -> list[JobInfo]:
@@ -194,9 +222,10 @@ def _batch_jobs(ctx: Context, query, batch: str) -> list[JobInfo]:
     query = query.join(BatchJob, BatchJob.job_id == JobRow.id).where(BatchJob.batch_id == batch)
     with session_scope(ctx.db_url) as s:
         rows = s.execute(query.add_columns(BatchJob.input_path)).all()
-        # shown as jobs.input_name is stored: bytes that are not UTF-8 as U+FFFD
-        named = ((row, path.decode("utf-8", "replace")) for row, path in rows)
-        return [replace(job_info(row), input_name=name) for row, name in named]
+        infos = job_infos(s, [row for row, _ in rows])
+    # shown as jobs.input_name is stored: bytes that are not UTF-8 as U+FFFD
+    names = (path.decode("utf-8", "replace") for _, path in rows)
+    return [replace(info, input_name=name) for info, name in zip(infos, names, strict=True)]
 
 
 def batch_input_paths(ctx: Context, batch: str) -> dict[str, bytes]:
@@ -261,8 +290,14 @@ def missing_queues(ctx: Context, queues: set[str]) -> set[str]:
     return set(queues) - ctx.meta.live_queues()
 
 
-def warn_if_no_workers(ctx: Context, queues: set[str]) -> None:
-    missing = missing_queues(ctx, queues)
+def warn_if_no_workers(ctx: Context, **which: str) -> None:
+    """Warn (NoWorkerWarning) when no live worker consumes a queue the job (``job_id=``) or
+    the batch (``batch=``) needs; nothing while Postgres or Redis is down: a warning is no
+    reason to wait."""
+    try:
+        missing = missing_queues(ctx, queues_of(ctx, **which))
+    except TransientError:
+        return
     if missing:
         names = ", ".join(sorted(missing))
         warnings.warn(
@@ -273,7 +308,29 @@ def warn_if_no_workers(ctx: Context, queues: set[str]) -> None:
         )
 
 
-def job_info(row: JobRow) -> JobInfo:
+def job_infos(s: Session, rows: Sequence[JobRow]) -> list[JobInfo]:
+    """Snapshots of these jobs, each with the service it waits on, if any (one query)."""
+    waits = _waiting_stages(s, [row.id for row in rows if row.status not in TERMINAL])
+    return [_job_info(row, waits.get(row.id)) for row in rows]
+
+
+def _waiting_stages(s: Session, job_ids: list[str]) -> dict[str, StageRun]:
+    """Per job, its first stage queued for a retry after a transient fault."""
+    if not job_ids:
+        return {}
+    query = (
+        select(StageRun)
+        .where(
+            StageRun.job_id.in_(job_ids),
+            StageRun.status == StageStatus.QUEUED,
+            StageRun.error_code.in_(TRANSIENT_CODES),
+        )
+        .order_by(StageRun.position.desc())
+    )
+    return {run.job_id: run for run in s.scalars(query)}  # the first position wins
+
+
+def _job_info(row: JobRow, waiting: StageRun | None) -> JobInfo:
     return JobInfo(
         id=row.id,
         pipeline=row.pipeline,
@@ -289,10 +346,16 @@ def job_info(row: JobRow) -> JobInfo:
         created_at=row.created_at,
         started_at=row.started_at,
         finished_at=row.finished_at,
+        waiting_on=service_of(waiting.error_code) if waiting else None,
+        waiting_reason=waiting.error_message if waiting else None,
     )
 
 
-def _stage_info(run) -> StageInfo:
+def _waiting_on(run: StageRun) -> str | None:
+    return service_of(run.error_code) if run.status == StageStatus.QUEUED else None
+
+
+def _stage_info(run: StageRun) -> StageInfo:
     return StageInfo(
         name=run.stage,
         queue=run.queue,
@@ -306,4 +369,5 @@ def _stage_info(run) -> StageInfo:
         artifact_size=run.artifact_size,
         error_code=run.error_code,
         error_message=run.error_message,
+        waiting_on=_waiting_on(run),
     )

@@ -158,7 +158,6 @@ def render(
                 **render.params,
             )
             console.print(f"batch {batch.id}", highlight=False)
-            _warn_missing(farm, batch)
             follower = Follower(farm, batch, output, console)
             jobs = follower.run()
     except KeyboardInterrupt:
@@ -193,15 +192,6 @@ def _interrupted(batch, *, embedded: bool) -> str:
         f"interrupted: batch {batch.id} goes on rendering on the farm{again}"
         f"\n  to stop it:  farm cancel --batch {batch.id}"
     )
-
-
-def _warn_missing(farm: Farm, batch) -> None:
-    missing = farm.missing_queues(farm.queues_of(batch=batch.id))
-    if missing:
-        err.print(
-            f"[yellow]warning[/] no worker consumes {', '.join(sorted(missing))}: "
-            "jobs wait until one starts (farm up, or farm worker --role ...)"
-        )
 
 
 @app.command()

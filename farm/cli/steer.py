@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 from rich.table import Column, Table
 
 from farm.api import Farm
@@ -32,6 +33,9 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
     console.print(f"job {info.id}  [bold]{info.status}[/]  pipeline {info.pipeline}")
     if info.error_code:
         console.print(f"[red]{info.error_code}[/]: {info.error_message}")
+    if info.waiting_on:
+        # the reason is the service's own words: never read as markup
+        console.print(f"[yellow]waiting on {info.waiting_on}[/]: {escape(info.waiting_reason)}")
     for s in stages:
         if s.lost_runs:
             console.print(
@@ -47,7 +51,8 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
     for s in stages:
         duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
         size = f"{s.artifact_size:,} B" if s.artifact_size else ""
-        row = (s.name, s.queue, s.status, str(s.attempts), str(s.lost_runs), s.worker or "")
+        state = f"{s.status}, waiting on {s.waiting_on}" if s.waiting_on else s.status
+        row = (s.name, s.queue, state, str(s.attempts), str(s.lost_runs), s.worker or "")
         table.add_row(*row, duration, size)
     console.print(table)
 
@@ -84,7 +89,7 @@ def jobs(
             j.status,
             j.current_stage or "",
             j.input_name or "",
-            j.error_code or "",
+            j.error_code or (f"waiting on {j.waiting_on}" if j.waiting_on else ""),
             f"{j.created_at:%Y-%m-%d %H:%M:%S}",
         )
     console.print(table)

@@ -86,8 +86,7 @@ def _unreachable_is_transient() -> Iterator[None]:
                 f"Postgres refused the login of FARM_DATABASE_URL ({refused}); check its user "
                 "and password"
             ) from exc
-        reason = type(getattr(exc, "orig", None) or exc).__name__
-        raise DatabaseError(f"Postgres is unreachable ({reason}); will retry") from exc
+        raise DatabaseError(_unavailable(exc)) from exc
     except sa_exc.IntegrityError as exc:
         diag = getattr(exc.orig, "diag", None)
         if getattr(diag, "constraint_name", None) == IDEMPOTENCY_CONSTRAINT:
@@ -102,6 +101,17 @@ def _login_refused(exc: sa_exc.DBAPIError) -> str | None:
     if not any(words in said for words in _AUTH_REFUSED):
         return None
     return said.rpartition("FATAL:")[2].strip() or said.strip()
+
+
+def _unavailable(exc: sa_exc.DBAPIError) -> str:
+    """Why Postgres failed for now, in its own words when it answered (a full disk:
+    "could not extend file ...: No space left on device"), else that it is unreachable."""
+    orig = getattr(exc, "orig", None)
+    reason = type(orig or exc).__name__
+    said = getattr(getattr(orig, "diag", None), "message_primary", None)
+    if said:
+        return f"Postgres failed ({reason}): {said}; will retry"
+    return f"Postgres is unreachable ({reason}); will retry"
 
 
 def dispose_engines() -> None:

@@ -28,7 +28,7 @@ from farm.db.rows import (
     stage_statuses,
     update_job,
 )
-from farm.errors import FarmError, JobNotFound, TransientError
+from farm.errors import FarmError, JobNotFound
 from farm.pipelines import get_pipeline
 
 # A store that loses a rebuilt checkpoint this often is broken, not unlucky: fail the job then.
@@ -236,15 +236,18 @@ def fail_stage(
         )
 
 
-def requeue_stage(conn: Conn, job_id: str, stage: str, attempt: int, reason: str) -> None:
-    """A transient fault: the stage goes back to queued and its retry message is on the way."""
+def requeue_stage(
+    conn: Conn, job_id: str, stage: str, attempt: int, code: str, reason: str
+) -> None:
+    """A transient fault: the stage goes back to queued and its retry message is on the way.
+    ``code`` (a TransientError's) says which service it waits on, ``reason`` why."""
     conn.execute(
         update(runs)
         .where(fenced(job_id, stage, attempt))
         .values(
             status=StageStatus.QUEUED,
             queued_at=func.now(),
-            error_code=TransientError.code,
+            error_code=code,
             error_message=reason,
         )
     )

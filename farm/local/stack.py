@@ -116,6 +116,21 @@ class LocalStack:
             self._ensure_running((name,), state, time.monotonic())
             self._write_env(self._info(state))
 
+    def kill_service(self, name: Service) -> None:
+        """SIGKILL the server, as a crash would (fault tests); ``start_service`` brings it
+        back on the same data and ports."""
+        with self._locked():
+            state = self._load()
+            if state is not None:
+                (server,) = self._servers(state, (name,))
+                pid = server.pid()
+                if pid and server.alive():
+                    server.kill(pid)
+                    _wait_gone(server, pid, time.monotonic() + STOP_TIMEOUT)
+                server.st["pid"] = None
+                server.after_stop()
+                self._save(state)
+
     def restart_service(self, name: Service) -> None:
         self.stop_service(name)
         self.start_service(name)

@@ -4,7 +4,8 @@ A test arms a fault in Redis for one (job, stage, point); the worker consumes it
 ``fail`` raises StageFailed, ``transient`` a retryable StorageError (a service hiccup),
 ``kill`` SIGKILLs the worker process, ``sleep:N`` stalls. ``stall:N`` stalls every time the
 point is reached, by any delivery, until the test disarms it: a stage slowed down for as long
-as a test needs it running.
+as a test needs it running. ``full`` raises the StorageError of a store whose disk is full
+every time, until the test disarms it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from farm.storage.metadata import Metadata
 
 ENABLED = os.environ.get("FARM_FAULT_INJECTION") == "1"
 POINTS = ("start", "step", "upload", "commit")
+PERSISTENT = ("stall:", "full")  # armed until the test disarms them
 
 
 def fault_key(job_id: str, stage: str, point: str) -> str:
@@ -32,13 +34,17 @@ def arm(meta: Metadata, job_id: str, stage: str, point: str, action: str) -> Non
     meta.redis.set(fault_key(job_id, stage, point), action, ex=600)
 
 
+def disarm(meta: Metadata, job_id: str, stage: str, point: str) -> None:
+    meta.redis.delete(fault_key(job_id, stage, point))
+
+
 def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
     if not ENABLED:
         return
     try:
         key = fault_key(job_id, stage, point)
         action = meta.redis.get(key)
-        if action and not action.startswith("stall:"):
+        if action and not action.startswith(PERSISTENT):
             action = meta.redis.getdel(key)  # one-shot; a racing reader may have taken it
     except redis.RedisError:
         return  # a test hook must never be the fault itself
@@ -46,11 +52,9 @@ def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:
         raise StageFailed(f"injected failure at {stage}/{point}")
     if action == "transient":
         raise StorageError(f"injected transient fault at {stage}/{point}")
+    if action == "full":  # a full disk stays full
+        raise StorageError(f"injected at {stage}/{point}: the disk is full (no space left)")
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if action and action.startswith(("sleep:", "stall:")):
         time.sleep(float(action.split(":", 1)[1]))
-
-
-def disarm(meta: Metadata, job_id: str, stage: str, point: str) -> None:
-    meta.redis.delete(fault_key(job_id, stage, point))

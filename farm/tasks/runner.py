@@ -155,7 +155,7 @@ class StageRun:
             return "lease-lost"
         except FarmError as exc:
             if exc.retryable:  # a service is down: back to queued, Celery retries with backoff
-                self._requeue(str(exc))
+                self._requeue(exc)
                 raise
             self._fail(exc.code, exc.message)
             return "failed"
@@ -328,10 +328,13 @@ class StageRun:
         except FarmError as exc:
             log.warning("%s/%s: could not un-count a stall: %s", self.job_id, self.stage, exc)
 
-    def _requeue(self, reason: str) -> None:
+    def _requeue(self, exc: FarmError) -> None:
+        """Back to queued, recording which service it waits on and why (users see it)."""
         try:
             with transaction(self.ctx.db_url) as conn:
-                stage_records.requeue_stage(conn, self.job_id, self.stage, self.attempt, reason)
+                stage_records.requeue_stage(
+                    conn, self.job_id, self.stage, self.attempt, exc.code, exc.message
+                )
         except FarmError:
             pass  # the database itself is down; the retry will find the record as it was
 
