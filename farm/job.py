@@ -217,15 +217,16 @@ def list_jobs(
 
 
 def _batch_jobs(ctx: Context, query, batch: str) -> list[JobInfo]:
-    """The batch's jobs, each named as this batch's folder names its input (another batch
-    may have submitted the same bytes under another name)."""
+    """The batch's jobs as this batch sees them: named as its folder names their inputs, and
+    with its id (another batch may have submitted the same bytes first, under another name)."""
     query = query.join(BatchJob, BatchJob.job_id == JobRow.id).where(BatchJob.batch_id == batch)
     with session_scope(ctx.db_url) as s:
         rows = s.execute(query.add_columns(BatchJob.input_path)).all()
         infos = job_infos(s, [row for row, _ in rows])
     # shown as jobs.input_name is stored: bytes that are not UTF-8 as U+FFFD
-    names = (path.decode("utf-8", "replace") for _, path in rows)
-    return [replace(info, input_name=name) for info, name in zip(infos, names, strict=True)]
+    names = [path.decode("utf-8", "replace") for _, path in rows]
+    pairs = zip(infos, names, strict=True)
+    return [replace(info, input_name=name, batch_id=batch) for info, name in pairs]
 
 
 def batch_input_paths(ctx: Context, batch: str) -> dict[str, bytes]:

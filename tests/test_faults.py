@@ -100,9 +100,10 @@ def freeze(worker, seconds_past_takeover: float, job) -> None:
 
 
 def test_three_stalls_past_the_lease_are_not_a_crash(farm, running, workers, meta) -> None:
-    expected = reference(farm, 92, PARAMS)
-    job = farm.submit(sample_png(hue=92), **PARAMS)
-    faults.arm(meta, job.id, "denoise", "step", "stall:0.5")  # every step of every delivery
+    expected = reference(farm, 92, SLOW)
+    job = farm.submit(sample_png(hue=92), **SLOW)
+    # every step of every delivery: 80 steps outlast any stall below (none may finish early)
+    faults.arm(meta, job.id, "denoise", "step", "stall:0.5")
     gpu = workers.of("gpu")[0]
     for stall in range(3):  # the crash limit of the test settings (FARM_MAX_DELIVERIES=3)
         running_attempt = partial(is_running, job, "denoise", stall + 1)
@@ -118,8 +119,10 @@ def test_three_stalls_past_the_lease_are_not_a_crash(farm, running, workers, met
 def test_a_postgres_outage_longer_than_the_lease_leaves_a_running_stage_alone(
     farm, running, meta, local_stack, settings
 ) -> None:
-    expected = reference(farm, 93, PARAMS)
-    job = farm.submit(sample_png(hue=93), **PARAMS)
+    expected = reference(farm, 93, SLOW)
+    job = farm.submit(sample_png(hue=93), **SLOW)
+    # 80 steps of 0.5 s: denoise is still running when Postgres is back (were it to finish
+    # during the outage, its commit would fail and its retry be a second attempt, rightly)
     faults.arm(meta, job.id, "denoise", "step", "stall:0.5")
     wait_until(lambda: stage_of(job, "denoise").status == "running", 120, "denoise")
     local_stack.stop_service("postgres")
