@@ -140,6 +140,10 @@ def test_ctrl_c_tells_how_to_cancel_or_reattach(farm_env, running, tmp_path: Pat
         stderr=subprocess.PIPE,
         stdin=subprocess.DEVNULL,
         text=True,
+        # A shell starts background commands with SIGINT ignored, and Python keeps an ignored
+        # SIGINT ignored: a suite run with `&` would see Ctrl-C do nothing. A user's terminal
+        # delivers it, so the render gets the default disposition, as it would there.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         first = proc.stdout.readline()
