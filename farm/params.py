@@ -3,6 +3,8 @@
 ``RenderParams`` is immutable and always valid: every way of building one runs the same checks,
 so a stage never sees a NaN guidance or a 3-pixel-wide canvas. ``to_dict()`` is JSON-safe (it is
 stored in Postgres) and ``params_digest()`` hashes its canonical JSON for idempotency keys.
+The ``check_*`` helpers are public because farm.schema checks every pipeline's parameters with
+them: one wording for every INVALID_PARAM message.
 
 Size is stored as the user meant it, and ``output_size`` turns it into pixels:
 
@@ -21,7 +23,7 @@ import json
 import math
 import re
 import unicodedata
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,6 +64,29 @@ _SIDES: dict[str, tuple[int, int]] = {
     "width": (SIZE_MIN, SIZE_MAX),
     "height": (SIZE_MIN, SIZE_MAX),
 }
+_CHOICES: dict[str, tuple[str, ...]] = {"fit": FIT_NAMES, "scheduler": SCHEDULER_NAMES}
+
+# One line per parameter: `farm render --help` and farm.schema.RenderSchema both show these.
+PARAM_HELP: dict[str, str] = {
+    "prompt": "What to render.",
+    "negative_prompt": "What to avoid.",
+    "strength": "0-1: how far from the input (0.75).",
+    "steps": "Denoising steps, 1-500 (30).",
+    "guidance": "Classifier-free guidance, 0-50 (7.5).",
+    "seed": "Random seed (0).",
+    "size": "Long side in px, keeping the input's aspect (default: the model's native size), "
+    "or WxH.",
+    "width": "Output width in px: with --height exactly that size (see --fit); alone, the height "
+    "follows the input's aspect.",
+    "height": "Output height in px: with --width exactly that size (see --fit); alone, the width "
+    "follows the input's aspect.",
+    "fit": "With --width/--height: cover (crop, default), contain (pad), stretch.",
+    "scheduler": "pndm, ddim, euler, euler_a or dpm.",
+    "sharpen": "Unsharp-mask amount, 0-5 (0).",
+    "saturation": "Colour saturation, 0-5 (1).",
+    "contrast": "Contrast, 0-5 (1).",
+    "brightness": "Brightness, 0-5 (1).",
+}
 
 
 @dataclass(frozen=True)
@@ -86,15 +111,15 @@ class RenderParams:
 
     def __post_init__(self) -> None:
         for name in ("prompt", "negative_prompt"):
-            _check_text(name, getattr(self, name))
+            check_text(name, getattr(self, name))
         for name, (low, high, low_open) in _FLOATS.items():
-            value = _check_float(name, getattr(self, name), low, high, low_open)
+            value = check_float(name, getattr(self, name), low, high, low_open)
             object.__setattr__(self, name, value)
         for name, (low, high) in _INTS.items():
-            _check_int(name, getattr(self, name), low, high)
+            check_int(name, getattr(self, name), low, high)
         self._check_sides()
-        object.__setattr__(self, "fit", _check_choice("fit", self.fit, FIT_NAMES))
-        object.__setattr__(self, "scheduler", _check_choice("scheduler", self.scheduler))
+        for name, choices in _CHOICES.items():
+            object.__setattr__(self, name, check_choice(name, getattr(self, name), choices))
 
     def _check_sides(self) -> None:
         """Snap the given sides down to SIZE_MULTIPLE; no size at all is DEFAULT_SIZE, so
@@ -103,8 +128,10 @@ class RenderParams:
         if "size" in given and len(given) > 1:
             raise InvalidParameter("give either size or width/height, not both")
         for name, value in given.items():
+            if name == "size" and (isinstance(value, bool) or not isinstance(value, int | float)):
+                raise InvalidParameter(f"size must be {_SIZE_HINT}, got {show(value)}")
             low, high = _SIDES[name]
-            _check_int(name, value, low, high)
+            check_int(name, value, low, high)
             object.__setattr__(self, name, value // SIZE_MULTIPLE * SIZE_MULTIPLE)
         if not given:
             object.__setattr__(self, "size", DEFAULT_SIZE)
@@ -112,12 +139,10 @@ class RenderParams:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> RenderParams:
         """Validate user JSON; ``size`` (``512`` or ``"768x512"``) sets width and height."""
-        if not isinstance(data, Mapping):
-            raise InvalidParameter(f"parameters must be a JSON object, got {type(data).__name__}")
-        fields = dict(data)
+        fields = check_mapping(data)
         if isinstance(fields.get("size"), str):
             fields.update(_expand_size(fields))
-        _check_keys(fields)
+        check_keys(fields, _field_names())
         return cls(**fields)
 
     def to_dict(self) -> dict[str, Any]:
@@ -137,23 +162,36 @@ class RenderParams:
 
     def params_digest(self) -> str:
         """sha256 of the canonical JSON: equal parameters give equal digests in any process."""
-        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+        return params_digest(self.to_dict())
+
+
+def params_digest(canonical: Mapping[str, Any]) -> str:
+    """sha256 of ``canonical`` as sorted, compact JSON: the idempotency key of every pipeline's
+    parameters, so changing this changes every stored job's key."""
+    text = json.dumps(canonical, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _field_names() -> list[str]:
     return [field.name for field in dataclasses.fields(RenderParams)]
 
 
-def _check_keys(fields: Mapping[Any, Any]) -> None:
+def check_mapping(data: object) -> dict[Any, Any]:
+    """A copy of ``data`` if it is a mapping: parameters arrive as JSON and may be anything."""
+    if not isinstance(data, Mapping):
+        raise InvalidParameter(f"parameters must be a JSON object, got {type(data).__name__}")
+    return dict(data)
+
+
+def check_keys(fields: Mapping[Any, Any], allowed: Sequence[str]) -> None:
+    """Refuse names that are not text or not in ``allowed``, listing every unknown one at once."""
     for key in fields:
         if not isinstance(key, str):
-            raise InvalidParameter(f"parameter names must be text, got {_show(key)}")
-    unknown = sorted(set(fields) - set(_field_names()))
+            raise InvalidParameter(f"parameter names must be text, got {show(key)}")
+    unknown = sorted(set(fields) - set(allowed))
     if unknown:
-        allowed = ", ".join(_field_names())
-        names = ", ".join(_show(name) for name in unknown)
-        raise InvalidParameter(f"unknown parameter(s) {names}; allowed: {allowed}")
+        names = ", ".join(show(name) for name in unknown)
+        raise InvalidParameter(f"unknown parameter(s) {names}; allowed: {', '.join(allowed)}")
 
 
 def output_size(params: RenderParams, input_size: tuple[int, int] | None = None) -> tuple[int, int]:
@@ -183,17 +221,18 @@ def _expand_size(fields: dict[str, Any]) -> dict[str, Any]:
         raise InvalidParameter("give either size or width/height, not both")
     match = _SIZE_TEXT.match(size)
     if match is None:
-        raise InvalidParameter(f"size must be {_SIZE_HINT}, got {_show(size)}")
+        raise InvalidParameter(f"size must be {_SIZE_HINT}, got {show(size)}")
     if match.group(2) is None:
         return {"size": int(match.group(1))}
     return {"width": int(match.group(1)), "height": int(match.group(2))}
 
 
-def _check_text(name: str, value: object) -> None:
+def check_text(name: str, value: object, max_chars: int = MAX_PROMPT_CHARS) -> str:
+    """``value`` if it is text Postgres can store, at most ``max_chars`` long."""
     if not isinstance(value, str):
         raise InvalidParameter(f"{name} must be text, got {type(value).__name__}")
-    if len(value) > MAX_PROMPT_CHARS:
-        raise InvalidParameter(f"{name} has {len(value)} characters; at most {MAX_PROMPT_CHARS}")
+    if len(value) > max_chars:
+        raise InvalidParameter(f"{name} has {len(value)} characters; at most {max_chars}")
     for index, char in enumerate(value):
         category = unicodedata.category(char)
         # Cs: lone surrogates, which cannot be stored as UTF-8 in Postgres.
@@ -202,45 +241,71 @@ def _check_text(name: str, value: object) -> None:
                 f"{name} contains the control character {char!r} at position {index}; "
                 "only tabs and newlines are allowed"
             )
+    return value
 
 
 def _check_number(name: str, value: object) -> int | float:
     if isinstance(value, bool) or not isinstance(value, int | float):
         kind = type(value).__name__
-        raise InvalidParameter(f"{name} must be a number, got {kind} {_show(value)}")
+        raise InvalidParameter(f"{name} must be a number, got {kind} {show(value)}")
     return value
 
 
-def _check_float(name: str, value: object, low: float, high: float, low_open: bool) -> float:
+def check_float(
+    name: str, value: object, low: float | None, high: float | None, low_open: bool = False
+) -> float:
+    """``value`` as a finite float within the interval; a bound of None is no bound."""
     number = _check_number(name, value)
     if isinstance(number, float) and not math.isfinite(number):
-        raise InvalidParameter(f"{name} must be a finite number, got {_show(number)}")
+        raise InvalidParameter(f"{name} must be a finite number, got {show(number)}")
     # Compare before float(): Python compares huge ints with floats exactly, float() overflows.
-    if number > high or number < low or (low_open and number == low):
-        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
-        raise InvalidParameter(f"{name} must be in {interval}, got {_show(number)}")
+    below = low is not None and (number < low or (low_open and number == low))
+    if below or (high is not None and number > high):
+        shown = interval(low, high, low_open)
+        raise InvalidParameter(f"{name} must be in {shown}, got {show(number)}")
     return float(number)
 
 
-def _check_int(name: str, value: object, low: int, high: int) -> None:
-    if name == "size" and (isinstance(value, bool) or not isinstance(value, int | float)):
-        raise InvalidParameter(f"size must be {_SIZE_HINT}, got {_show(value)}")
+def check_int(name: str, value: object, low: float | None, high: float | None) -> int:
+    """``value`` if it is an int (never a bool) within [low, high]; None is no bound."""
     number = _check_number(name, value)
     if not isinstance(number, int):
-        raise InvalidParameter(f"{name} must be a whole number, got {_show(number)}")
-    if not low <= number <= high:
-        raise InvalidParameter(f"{name} must be between {low} and {high}, got {_show(number)}")
+        raise InvalidParameter(f"{name} must be a whole number, got {show(number)}")
+    if (low is not None and number < low) or (high is not None and number > high):
+        raise InvalidParameter(f"{name} must be {_int_range(low, high)}, got {show(number)}")
+    return number
 
 
-def _check_choice(field: str, value: object, names: tuple[str, ...] = SCHEDULER_NAMES) -> str:
+def _int_range(low: float | None, high: float | None) -> str:
+    if high is None:
+        return f"at least {low}"
+    if low is None:
+        return f"at most {high}"
+    return f"between {low} and {high}"
+
+
+def interval(low: float | None, high: float | None, low_open: bool = False) -> str:
+    """``[0, 50]``, ``(0, 1]`` or ``[0, inf)``: how messages and listings show a range."""
+    start = "(-inf" if low is None else ("(" if low_open else "[") + _number(low)
+    end = "inf)" if high is None else _number(high) + "]"
+    return f"{start}, {end}"
+
+
+def _number(bound: float) -> str:
+    # :g keeps 0.0 as "0"; ints stay exact (:g would print SEED_MAX as 4.29497e+09).
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)
+
+
+def check_choice(field: str, value: object, names: Sequence[str]) -> str:
+    """``value`` stripped and lower-cased if it is one of ``names`` (themselves lower-case)."""
     name = value.strip().lower() if isinstance(value, str) else ""
     if name not in names:
         choices = ", ".join(names)
-        raise InvalidParameter(f"{field} must be one of {choices}; got {_show(value)}")
+        raise InvalidParameter(f"{field} must be one of {choices}; got {show(value)}")
     return name
 
 
-def _show(value: object) -> str:
+def show(value: object) -> str:
     """A short repr for messages: user input may be megabytes long."""
     try:
         text = repr(value)

@@ -17,52 +17,36 @@ from farm.cli.app import DataDir, app, console, err
 from farm.cli.stack import _data_dir
 from farm.config import Settings, is_configured
 from farm.errors import ConfigError
+from farm.params import PARAM_HELP
 
 # -- rendering ------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class RenderOption:
-    """One render parameter as a command-line option."""
+    """One render parameter as a command-line option (its help is farm.params.PARAM_HELP)."""
 
     kind: type
     flags: tuple[str, ...]
-    help: str
 
 
 # Every RenderParams parameter (README "Python API"), for `farm render` and `farm submit` alike.
 RENDER_OPTIONS: dict[str, RenderOption] = {
-    "prompt": RenderOption(str, ("--prompt", "-p"), "What to render."),
-    "negative_prompt": RenderOption(str, ("--negative-prompt",), "What to avoid."),
-    "strength": RenderOption(float, ("--strength",), "0-1: how far from the input (0.75)."),
-    "steps": RenderOption(int, ("--steps",), "Denoising steps, 1-500 (30)."),
-    "guidance": RenderOption(float, ("--guidance",), "Classifier-free guidance, 0-50 (7.5)."),
-    "seed": RenderOption(int, ("--seed",), "Random seed (0)."),
-    "size": RenderOption(
-        str,
-        ("--size",),
-        "Long side in px, keeping the input's aspect (default: the model's native size), or WxH.",
-    ),
-    "width": RenderOption(
-        int,
-        ("--width",),
-        "Output width in px: with --height exactly that size (see --fit); alone, the height "
-        "follows the input's aspect.",
-    ),
-    "height": RenderOption(
-        int,
-        ("--height",),
-        "Output height in px: with --width exactly that size (see --fit); alone, the width "
-        "follows the input's aspect.",
-    ),
-    "fit": RenderOption(
-        str, ("--fit",), "With --width/--height: cover (crop, default), contain (pad), stretch."
-    ),
-    "scheduler": RenderOption(str, ("--scheduler",), "pndm, ddim, euler, euler_a or dpm."),
-    "sharpen": RenderOption(float, ("--sharpen",), "Unsharp-mask amount, 0-5 (0)."),
-    "saturation": RenderOption(float, ("--saturation",), "Colour saturation, 0-5 (1)."),
-    "contrast": RenderOption(float, ("--contrast",), "Contrast, 0-5 (1)."),
-    "brightness": RenderOption(float, ("--brightness",), "Brightness, 0-5 (1)."),
+    "prompt": RenderOption(str, ("--prompt", "-p")),
+    "negative_prompt": RenderOption(str, ("--negative-prompt",)),
+    "strength": RenderOption(float, ("--strength",)),
+    "steps": RenderOption(int, ("--steps",)),
+    "guidance": RenderOption(float, ("--guidance",)),
+    "seed": RenderOption(int, ("--seed",)),
+    "size": RenderOption(str, ("--size",)),
+    "width": RenderOption(int, ("--width",)),
+    "height": RenderOption(int, ("--height",)),
+    "fit": RenderOption(str, ("--fit",)),
+    "scheduler": RenderOption(str, ("--scheduler",)),
+    "sharpen": RenderOption(float, ("--sharpen",)),
+    "saturation": RenderOption(float, ("--saturation",)),
+    "contrast": RenderOption(float, ("--contrast",)),
+    "brightness": RenderOption(float, ("--brightness",)),
 }
 
 
@@ -84,7 +68,7 @@ def render_options(command: Callable[..., None]) -> Callable[..., None]:
         _keyword("pipeline", str, typer.Option("img2img", help="img2img or txt2img.")),
         _keyword("priority", int, typer.Option(5, help="0-9, higher runs first.")),
         *(
-            _keyword(name, o.kind, typer.Option(None, *o.flags, help=o.help))
+            _keyword(name, o.kind, typer.Option(None, *o.flags, help=PARAM_HELP[name]))
             for name, o in RENDER_OPTIONS.items()
         ),
     ]
