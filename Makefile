@@ -12,9 +12,12 @@ $(PY):
 	python3 -m venv $(VENV)
 
 # torch first, pinned: 2.13.0 is the local CPU build; an unpinned torch would pull GBs of CUDA.
-$(STAMP): pyproject.toml | $(PY)
+# Then the example pipeline plugin (examples/farm-variants), which the tests render.
+PLUGIN := examples/farm-variants
+$(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[local,dev]"
+	$(PY) -m pip install -q --no-deps -e $(PLUGIN)
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -31,6 +31,7 @@ from farm.errors import (
     ModelError,
     NotDone,
     NotResumable,
+    PipelineInvalid,
     RedisAuthError,
     StageCrashed,
     StageFailed,
@@ -44,10 +45,10 @@ from farm.errors import (
 )
 from farm.job import Job, JobInfo, NoWorkerWarning, Progress, StageInfo
 from farm.params import RenderParams
-from farm.pipelines import PIPELINES
+from farm.pipelines import Pipeline, Stage, StageSpec, all_pipelines, get_pipeline, stage
+from farm.schema import Param, Schema
 
 __all__ = [
-    "PIPELINES",
     "ArtifactCorrupt",
     "ArtifactMissing",
     "AuthFailed",
@@ -76,13 +77,19 @@ __all__ = [
     "NoWorkerWarning",
     "NotDone",
     "NotResumable",
+    "Param",
+    "Pipeline",
+    "PipelineInvalid",
     "Progress",
     "RedisAuthError",
     "RenderParams",
+    "Schema",
     "Settings",
+    "Stage",
     "StageCrashed",
     "StageFailed",
     "StageInfo",
+    "StageSpec",
     "StorageAuthError",
     "StorageError",
     "StorageRefused",
@@ -90,4 +97,7 @@ __all__ = [
     "TransientError",
     "UnknownPipeline",
     "WorkerFailed",
+    "all_pipelines",
+    "get_pipeline",
+    "stage",
 ]

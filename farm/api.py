@@ -29,8 +29,8 @@ from farm.folder import submit_folder
 from farm.inputs import check_bytes, display_name, read_image_bytes
 from farm.job import Job, JobInfo
 from farm.native_size import native_size
-from farm.params import RenderParams
-from farm.pipelines import get_pipeline
+from farm.pipelines import Pipeline, StageSpec, get_pipeline, ready
+from farm.schema import RenderSchema
 from farm.storage import keys
 from farm.tasks.app import configure
 from farm.tasks.context import Context
@@ -61,20 +61,19 @@ class Farm:
         idempotency_key: str | None = None,
         **params: object,
     ) -> Job:
-        """Validate, upload the input, record the job and enqueue its first stage.
+        """Validate, upload the input, record the job and enqueue its first stages.
 
-        ``params`` are RenderParams fields: prompt, negative_prompt, strength, steps,
-        guidance, seed, size (or width/height, and fit), sharpen, saturation, contrast,
-        brightness, scheduler; with no size, the model's native one. Bad values raise
-        InvalidParameter before anything is stored. A second submit with the same
-        ``idempotency_key`` (even at the same moment from another process) returns the first
-        one's job."""
+        ``params`` are the pipeline's own (``farm pipelines`` lists them). For img2img and
+        txt2img: prompt, negative_prompt, strength, steps, guidance, seed, size (or
+        width/height, and fit), sharpen, saturation, contrast, brightness, scheduler; with no
+        size, the model's native one. Bad values raise InvalidParameter before anything is
+        stored. A second submit with the same ``idempotency_key`` (even at the same moment
+        from another process) returns the first one's job."""
         spec = get_pipeline(pipeline)
-        render = RenderParams.from_dict(self._default_size(params))
-        if spec.needs_input:
-            render.img2img_steps()
+        canonical = spec.params.validate(self._default_size(spec, params))
         _check_priority(priority)
         data, name = _read_input(image) if spec.needs_input else (None, None)
+        dag = spec.dag(spec.params.bind(canonical), data)
         # Before the first write, so a wrong setting leaves nothing. Once per Farm: it costs
         # about as much as a submit, and a server failing later is caught by the withdrawal.
         if not self._servers_checked:
@@ -85,7 +84,8 @@ class Farm:
         input_key = keys.input_key(job_id) if data is not None else None
         new = job_records.NewJob(
             pipeline=spec.name,
-            params=render.to_dict(),
+            params=canonical,
+            stages=dag,
             priority=priority,
             input_name=name,
             input_key=input_key,
@@ -106,7 +106,7 @@ class Farm:
     def _write(self, new: job_records.NewJob, data: bytes | None, written: Withdrawal) -> None:
         """Upload the input, record the job and its stage records (first ones queued), send."""
         pipeline = get_pipeline(new.pipeline)
-        first = [spec.name for spec in pipeline.ready(())]
+        first = ready(new.stages, ())
         if new.input_key:
             written.keys.append(new.input_key)
             self.ctx.store.put(new.input_key, data)
@@ -114,8 +114,8 @@ class Farm:
             if not job_records.insert_jobs(conn, pipeline, [new], failures={}):
                 raise DuplicateJob("a job with this idempotency key was recorded meanwhile")
         written.job_ids.append(new.job_id)
-        self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0], step=0)
-        BrokerSender().send(new.job_id, new.pipeline, first, new.priority)
+        self.ctx.meta.set_state(new.job_id, status="queued", stage=first[0].name, step=0)
+        BrokerSender().send(new.job_id, first, new.priority)
 
     def check_servers(self) -> None:
         """Raise unless Postgres, Redis, the broker and the artifact store each answer and
@@ -142,8 +142,8 @@ class Farm:
         if job.status() == JobStatus.DONE:
             return self._render_output_again(job)
         with transaction(self.ctx.db_url) as conn:
-            pipeline, priority, ready = job_records.reopen(conn, self.ctx.meta, job_id)
-        return self._send_reopened(job, pipeline, priority, ready)
+            priority, reopened = job_records.reopen(conn, self.ctx.meta, job_id)
+        return self._send_reopened(job, priority, reopened)
 
     def _render_output_again(self, job: Job) -> Job:
         try:
@@ -154,11 +154,10 @@ class Farm:
             return self._send_reopened(job, *reopened)
         raise NotResumable(f"job {job.id} is done; there is nothing to resume.")
 
-    def _send_reopened(self, job: Job, pipeline: str, priority: int, ready: list[str]) -> Job:
-        job_id = job.id
-        if ready:
-            self.ctx.meta.set_state(job_id, status="queued", stage=ready[0], step=0)
-            BrokerSender().send(job_id, pipeline, ready, priority)
+    def _send_reopened(self, job: Job, priority: int, stages: list[StageSpec]) -> Job:
+        if stages:
+            self.ctx.meta.set_state(job.id, status="queued", stage=stages[0].name, step=0)
+            BrokerSender().send(job.id, stages, priority)
         return job
 
     def resume_failed(self, batch_id: str | None = None, *, cancelled: bool = False) -> list[Job]:
@@ -198,10 +197,16 @@ class Farm:
         """Submit every image file of a folder as one batch (see farm.folder). Inputs already
         rendered with the same parameters and model are skipped, not rendered again."""
         _check_priority(priority)
-        return submit_folder(self, path, recursive, pipeline, priority, self._default_size(params))
+        spec = get_pipeline(pipeline)
+        return submit_folder(
+            self, path, recursive, pipeline, priority, self._default_size(spec, params)
+        )
 
-    def _default_size(self, params: dict) -> dict:
-        """No size given: the model's native one, stored in the params (and idempotency key)."""
+    def _default_size(self, pipeline: Pipeline, params: dict) -> dict:
+        """A Stable Diffusion pipeline given no size: the model's native one, stored in the
+        params (and idempotency key)."""
+        if not isinstance(pipeline.params, RenderSchema):
+            return params
         if any(params.get(side) is not None for side in ("size", "width", "height")):
             return params
         return {**params, "size": native_size(self.settings.model)}

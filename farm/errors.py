@@ -74,6 +74,13 @@ class ConfigError(FarmError):
     code = "CONFIG_INVALID"
 
 
+class PipelineInvalid(ConfigError):
+    """A pipeline's definition is wrong (a plugin's, or what its ``expand`` built): a stage
+    after one that does not exist, a cycle, a stage fed a kind it does not read."""
+
+    code = "PIPELINE_INVALID"
+
+
 class InputError(FarmError):
     """The user's input cannot be rendered; retrying will not help."""
 

@@ -29,10 +29,9 @@ from farm.db import job_records
 from farm.db.models import JobStatus
 from farm.db.rows import Conn, jobs, lock_job
 from farm.db.session import session_scope, transaction
-from farm.errors import FarmError, InvalidParameter, NotResumable, is_input_error
+from farm.errors import FarmError, InputError, InvalidParameter, NotResumable, is_input_error
 from farm.inputs import FolderListing, InputFile, read_input, scan_folder
-from farm.params import RenderParams
-from farm.pipelines import Pipeline, get_pipeline
+from farm.pipelines import Pipeline, StageSpec, get_pipeline, ready
 from farm.storage import keys
 from farm.tasks.dispatch import send_many
 from farm.withdrawal import Withdrawal, tell
@@ -65,7 +64,7 @@ class FolderSubmission:
 
     farm: Farm
     pipeline: Pipeline
-    params: RenderParams
+    params: dict  # canonical, as the pipeline's schema validated them
     priority: int
     batch_id: str = ""
     base: Path = Path()
@@ -78,7 +77,7 @@ class FolderSubmission:
         files = scan_folder(base, recursive)
         self.farm.check_servers()  # before anything is written, so a failure leaves nothing
         with session_scope(self.farm.ctx.db_url) as s:
-            settings = {**self._params, "pipeline": self.pipeline.name}
+            settings = {**self.params, "pipeline": self.pipeline.name}
             self.batch_id = job_records.create_batch(s, str(base), settings).id
         try:
             self._submit_files(base, files)
@@ -138,16 +137,19 @@ class FolderSubmission:
         readable = {ids[k]: f for k, f in new.items() if f.data is not None}
         placed = self._upload_inputs(readable, pool, written)
         nowhere = Placement(None)  # an input refused at submit was not uploaded
-        jobs = [self._new_job(ids[k], k, f, placed.get(ids[k], nowhere)) for k, f in new.items()]
         failures = {ids[k]: f.error for k, f in new.items() if f.error is not None}
+        dags = self._dags({ids[k]: f for k, f in new.items()}, failures)
+        jobs = [
+            self._new_job(ids[k], k, f, placed.get(ids[k], nowhere), dags.get(ids[k]))
+            for k, f in new.items()
+        ]
         with transaction(self.farm.ctx.db_url) as conn:
-            first = [spec.name for spec in self.pipeline.ready(())]
             inserted = job_records.insert_jobs(conn, self.pipeline, jobs, failures)
             # Another submitter recorded these inputs since the lookup: its jobs are adopted.
             existing |= self._existing([k for k in new if ids[k] not in inserted], conn)
             members = {existing.get(key) or ids[key]: f for key, f in by_key.items()}
             job_records.join_batch(conn, self.batch_id, self._paths(members))
-            to_send = [(job_id, first) for job_id in sorted(inserted - failures.keys())]
+            to_send = [(i, ready(dags[i], ())) for i in sorted(inserted - failures.keys())]
             # jobs locked in one order, so two submitters of one folder never deadlock
             adopted = (self._adopt(conn, job_id) for job_id in sorted(existing.values()))
             to_send += filter(None, adopted)
@@ -167,24 +169,36 @@ class FolderSubmission:
                 to_send = list(filter(None, (self._adopt(conn, job_id) for job_id in stopping)))
             self._announce(to_send)
 
-    def _announce(self, to_send: list[tuple[str, list[str]]]) -> None:
+    def _announce(self, to_send: list[tuple[str, list[StageSpec]]]) -> None:
         meta = self.farm.ctx.meta
         meta.set_states(
             {
-                job_id: {"status": "queued", "stage": stages[0], "step": 0}
+                job_id: {"status": "queued", "stage": stages[0].name, "step": 0}
                 for job_id, stages in to_send
             }
         )
-        send_many(self.pipeline.name, to_send, self.priority)
+        send_many(to_send, self.priority)
 
-    @cached_property
-    def _params(self) -> dict:
-        return self.params.to_dict()
+    def _dags(
+        self, files: dict[str, InputFile], failures: dict[str, FarmError]
+    ) -> dict[str, tuple[StageSpec, ...]]:
+        """Each readable input's DAG, built by the pipeline from the parameters and the input
+        (``failures`` gains the inputs it refuses)."""
+        bound, dags = self.pipeline.params.bind(self.params), {}
+        for job_id, file in files.items():
+            if job_id in failures:
+                continue
+            try:
+                dags[job_id] = self.pipeline.dag(bound, file.data)
+            except InputError as exc:
+                failures[job_id] = exc
+        return dags
 
     @cached_property
     def _render_digest(self) -> str:
         """Everything but the input that makes two renders the same."""
-        return f"{self.pipeline.name}|{self.params.params_digest()}|{self.farm.model_id}"
+        digest = self.pipeline.params.digest(self.params)
+        return f"{self.pipeline.name}|{digest}|{self.farm.model_id}"
 
     def _key(self, file: InputFile) -> str:
         """Same input bytes + same parameters + same model = the same render."""
@@ -236,11 +250,17 @@ class FolderSubmission:
         return placed
 
     def _new_job(
-        self, job_id: str, key: str, file: InputFile, placement: Placement
+        self,
+        job_id: str,
+        key: str,
+        file: InputFile,
+        placement: Placement,
+        stages: tuple[StageSpec, ...] | None,
     ) -> job_records.NewJob:
         return job_records.NewJob(
             pipeline=self.pipeline.name,
-            params=self._params,
+            params=self.params,
+            stages=stages,
             priority=self.priority,
             batch_id=self.batch_id,
             input_name=file.name,
@@ -251,7 +271,7 @@ class FolderSubmission:
             job_id=job_id,
         )
 
-    def _adopt(self, conn: Conn, job_id: str) -> tuple[str, list[str]] | None:
+    def _adopt(self, conn: Conn, job_id: str) -> tuple[str, list[StageSpec]] | None:
         """An input an earlier run already submitted (it joined this batch too): resume it if
         it failed (or was cancelled) for a reason other than its input; otherwise leave it
         be."""
@@ -263,11 +283,11 @@ class FolderSubmission:
             return None
         if status in (JobStatus.FAILED, JobStatus.CANCELLED) and not is_input_error(error_code):
             try:
-                _, _, ready = job_records.reopen(conn, self.farm.ctx.meta, job_id)
+                _, reopened = job_records.reopen(conn, self.farm.ctx.meta, job_id)
             except NotResumable:  # cancelled, its stage still stopping: adopted once it stopped
                 self._stopping.append(job_id)
                 return None
-            return (job_id, ready) if ready else None
+            return (job_id, reopened) if reopened else None
         return None
 
 
@@ -277,9 +297,8 @@ def submit_folder(
     spec = get_pipeline(pipeline)
     if not spec.needs_input:
         raise InvalidParameter(f"Pipeline {spec.name!r} takes no input images.")
-    render = RenderParams.from_dict(params)
-    render.img2img_steps()
-    return FolderSubmission(farm, spec, render, priority).run(folder, recursive)
+    canonical = spec.params.validate(params)
+    return FolderSubmission(farm, spec, canonical, priority).run(folder, recursive)
 
 
 def _chunks(items: Sequence, size: int) -> Iterator[list]:

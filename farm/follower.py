@@ -30,9 +30,9 @@ from farm.job import (
     missing_queues,
     output_records,
     patience,
+    queues_of,
 )
 from farm.job import Progress as JobProgress
-from farm.pipelines import get_pipeline
 from farm.storage.verified import read_recorded
 from farm.waiting import Outage
 
@@ -270,8 +270,8 @@ class Follower:
 
     def _tell_missing_workers(self, jobs: list[JobInfo]) -> None:
         """A line when the queues that no live worker consumes change (at the start too)."""
-        unfinished = {j.pipeline for j in jobs if not j.finished}
-        queues = {queue for name in unfinished for queue in get_pipeline(name).queues()}
+        unfinished = any(not j.finished for j in jobs)
+        queues = queues_of(self.farm.ctx, batch=self.batch.id) if unfinished else set()
         if not queues:
             return  # all finished: nothing waits on a worker
         missing = missing_queues(self.farm.ctx, queues)

@@ -29,7 +29,6 @@ from farm.errors import (
     TransientError,
     service_of,
 )
-from farm.pipelines import get_pipeline
 from farm.storage.base import ArtifactStore
 from farm.storage.verified import Recorded, read_recorded
 from farm.tasks.context import Context
@@ -275,15 +274,22 @@ def lost_runs(ctx: Context, job_ids: list[str]) -> dict[str, dict[str, int]]:
 
 
 def queues_of(ctx: Context, *, job_id: str | None = None, batch: str | None = None) -> set[str]:
-    """The queues a job (or every job of a batch) needs."""
-    query = select(JobRow.pipeline).distinct()
+    """The queues a job (or every unfinished job of a batch) still needs: those of its stages
+    not done, as its stored DAG names them."""
+    query = (
+        select(StageRun.queue)
+        .distinct()
+        .join(JobRow, JobRow.id == StageRun.job_id)
+        .where(StageRun.status != StageStatus.DONE, JobRow.status.not_in(TERMINAL))
+    )
     if job_id:
-        query = query.where(JobRow.id == job_id)
+        query = query.where(StageRun.job_id == job_id)
     else:
-        query = query.join(BatchJob, BatchJob.job_id == JobRow.id).where(BatchJob.batch_id == batch)
+        query = query.join(BatchJob, BatchJob.job_id == StageRun.job_id).where(
+            BatchJob.batch_id == batch
+        )
     with session_scope(ctx.db_url) as s:
-        names = s.scalars(query).all()
-    return {queue for name in names for queue in get_pipeline(name).queues()}
+        return set(s.scalars(query).all())
 
 
 def missing_queues(ctx: Context, queues: set[str]) -> set[str]:

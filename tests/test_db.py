@@ -108,7 +108,8 @@ def test_attempt_fences_out_a_replaced_delivery(stack: StackInfo) -> None:
         assert late.outcome == stage_records.Outcome.FENCED_OUT
     with session_scope(url) as s:
         done = stage_records.complete_stage(s, job_id, "noise", 2, checkpoint)
-        assert (done.outcome, done.ready) == (stage_records.Outcome.ADVANCED, ("denoise",))
+        ready = tuple(spec.name for spec in done.ready)
+        assert (done.outcome, ready) == (stage_records.Outcome.ADVANCED, ("denoise",))
     with session_scope(url) as s:
         run = next(r for r in job_records.get_job(s, job_id).stage_runs if r.stage == "noise")
         assert (run.status, run.attempts, run.lost_runs, run.worker) == ("done", 2, 1, "w2")

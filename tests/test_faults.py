@@ -193,10 +193,11 @@ def test_s3_down_for_twenty_seconds(farm, running, local_stack) -> None:
 def test_duplicate_delivery_is_a_no_op(farm, running) -> None:
     expected = reference(farm, 106, SLOW)
     job = farm.submit(sample_png(hue=106), **SLOW)
-    send_stage(job.id, "img2img", "preprocess", 5)  # a second copy of a queued message
+    stage = get_pipeline("img2img").stage
+    send_stage(job.id, stage("preprocess"), 5)  # a second copy of a queued message
     wait_for_step(job, "denoise", 2, timeout=120)
-    send_stage(job.id, "img2img", "denoise", 5)  # and of a running one
-    send_stage(job.id, "img2img", "encode", 5)  # and of a finished one
+    send_stage(job.id, stage("denoise"), 5)  # and of a running one
+    send_stage(job.id, stage("encode"), 5)  # and of a finished one
     assert_invariants(farm, [job], {job.id: expected})
     assert all(s.attempts == 1 for s in job.stages())
 

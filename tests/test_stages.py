@@ -260,7 +260,7 @@ def test_registry() -> None:
         "postprocess",
         "noop",
     ]
-    assert STAGES["postprocess"].output == "png"
+    assert STAGES["postprocess"].writes == "png"
 
 
 # -- postprocess ---------------------------------------------------------------------------------

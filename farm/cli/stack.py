@@ -124,18 +124,30 @@ def db_upgrade(revision: str = typer.Argument("head")) -> None:
 
 @app.command()
 def worker(
-    role: str = typer.Option(..., "--role", help="cpu or gpu"),
+    role: str | None = typer.Option(
+        None, "--role", help="cpu (prefork pool) or gpu (one thread, the model kept warm)."
+    ),
+    queues: str | None = typer.Option(
+        None,
+        "--queues",
+        "-Q",
+        help="Queues to consume, comma-separated, e.g. audio,cpu (default: the role's own). "
+        "The role defaults to gpu if gpu is among them, else cpu.",
+    ),
     loglevel: str = typer.Option("INFO", "--loglevel"),
     name: str | None = typer.Option(None, "--name", help="Celery node name (default ROLE@host)"),
 ) -> None:
     """Run one worker in the foreground (one per GPU: set CUDA_VISIBLE_DEVICES)."""
     from farm.local.workers import ROLES, worker_command
+    from farm.pipelines import check_queue_names
 
+    wanted = check_queue_names(queues.split(",")) if queues else []
+    role = role or ("gpu" if "gpu" in wanted else "cpu" if wanted else None)
     if role not in ROLES:
-        raise ConfigError(f"--role must be cpu or gpu, not {role!r}")
+        raise ConfigError(f"--role must be cpu or gpu (or give --queues), not {role!r}")
     Settings.from_env()  # fail fast, naming the missing variable
     os.environ["FARM_WORKER_ROLE"] = role
-    command = worker_command(name or f"{role}@%h", loglevel)
+    command = worker_command(name or f"{role}@%h", loglevel, wanted)
     os.execv(command[0], command)
 
 

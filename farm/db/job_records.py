@@ -14,16 +14,18 @@ from sqlalchemy.orm import Session, joinedload
 from farm.db.models import TERMINAL, Batch, BatchJob, Job, JobStatus, StageStatus
 from farm.db.rows import (
     Conn,
+    job_dag,
     jobs,
     lock_job,
     mark_queued,
     queue_rebuild,
     runs,
+    spec_of,
     stage_statuses,
     update_job,
 )
 from farm.errors import FarmError, JobNotFound, NotResumable
-from farm.pipelines import Pipeline, get_pipeline
+from farm.pipelines import Pipeline, StageSpec, ready
 
 if TYPE_CHECKING:
     from farm.storage.metadata import Metadata
@@ -47,6 +49,8 @@ class NewJob:
     job_id: str | None = None
     input_offset: int | None = None  # a packed input's byte range in ``input_key``
     input_size: int | None = None
+    # The DAG the pipeline built for this job (``Pipeline.dag``); None: its fixed one.
+    stages: tuple[StageSpec, ...] | None = None
 
 
 def create_batch(session: Session, source: str | None, params: dict) -> Batch:
@@ -68,17 +72,16 @@ def join_batch(conn: Conn, batch_id: str, paths: dict[str, bytes]) -> None:
 def insert_jobs(
     conn: Conn, pipeline: Pipeline, new_jobs: list[NewJob], failures: dict[str, FarmError]
 ) -> set[str]:
-    """Insert jobs of one pipeline, each with one record per stage, in two statements (jobs,
-    then their stage records). Jobs in ``failures`` are recorded as failed at submit; the
-    others get their first stages queued. A job whose idempotency key is recorded already
-    (another submitter's, maybe committed just now) is not inserted. Returns the ids of the
-    jobs inserted. Core statements: the ORM's per-object bookkeeping would cost more than the
-    database itself."""
+    """Insert jobs of one pipeline, each with one record per stage of its DAG, in two
+    statements (jobs, then their stage records). Jobs in ``failures`` are recorded as failed
+    at submit; the others get their first stages queued. A job whose idempotency key is
+    recorded already (another submitter's, maybe committed just now) is not inserted.
+    Returns the ids of the jobs inserted. Core statements: the ORM's per-object bookkeeping
+    would cost more than the database itself."""
     if not new_jobs:
         return set()
     # The database's clock, as everywhere else (the reconciler compares queued_at with it).
     now = conn.execute(select(func.now())).scalar_one()
-    first = {spec.name for spec in pipeline.ready(())}
     # Keys in one order, so two submitters inserting the same keys wait on each other, never
     # deadlock; a key taken meanwhile waits for its holder's commit, then is skipped.
     rows = sorted(
@@ -96,12 +99,10 @@ def insert_jobs(
         conn.execute(
             insert(runs),
             [
-                _stage_row(
-                    new.job_id, i, spec, spec.name in first and new.job_id not in failures, now
-                )
+                row
                 for new in new_jobs
                 if new.job_id in inserted
-                for i, spec in enumerate(pipeline.stages)
+                for row in _stage_rows(new, new.stages or pipeline.stages, failures, now)
             ],
         )
     return inserted
@@ -141,12 +142,22 @@ def _job_row(new: NewJob, error: FarmError | None, now: datetime) -> dict:
     }
 
 
-def _stage_row(job_id: str, position: int, spec, queued: bool, now: datetime) -> dict:
+def _stage_rows(
+    new: NewJob, dag: tuple[StageSpec, ...], failures: dict[str, FarmError], now: datetime
+) -> list[dict]:
+    """The job's DAG as its stage records; the first stages queued unless it failed at submit."""
+    first = set() if new.job_id in failures else {spec.name for spec in ready(dag, ())}
+    return [_stage_row(new.job_id, i, spec, spec.name in first, now) for i, spec in enumerate(dag)]
+
+
+def _stage_row(job_id: str, position: int, spec: StageSpec, queued: bool, now: datetime) -> dict:
     return {
         "job_id": job_id,
         "stage": spec.name,
         "position": position,
         "queue": spec.queue,
+        "op": spec.op,
+        "after_stages": list(spec.after),
         "status": StageStatus.QUEUED if queued else StageStatus.PENDING,
         "attempts": 0,
         "lost_runs": 0,
@@ -194,9 +205,9 @@ def mark_cancelled(conn: Conn, job_id: str) -> bool:
     return True
 
 
-def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[str, int, list[str]]:
-    """Reopen a failed or cancelled job: every stage not done goes back to pending, and the
-    ready ones are marked queued and returned, with the job's pipeline and priority. Done
+def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[int, list[StageSpec]]:
+    """Reopen a failed or cancelled job: every stage not done, in every branch, goes back to
+    pending, and the ready ones are marked queued and returned, with the job's priority. Done
     stages keep their records and are not re-run. NotResumable for any other job: resuming a
     running one would throw its running stage's work away.
 
@@ -204,9 +215,7 @@ def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[str, int, list[str]
     each must also clear the job's cancel flag, or its first stage would find the old flag and
     cancel it again. Cleared under the job's lock, before the commit, so no delivery of the
     reopened job can find the old flag."""
-    status, pipeline_name, priority = lock_job(
-        conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority
-    )
+    status, priority = lock_job(conn, job_id, jobs.c.status, jobs.c.priority)
     _check_resumable(job_id, status, stage_statuses(conn, job_id))
     conn.execute(
         update(runs)
@@ -221,29 +230,30 @@ def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[str, int, list[str]
         error_message=None,
         finished_at=None,
     )
-    statuses = stage_statuses(conn, job_id)
-    done = {name for name, s in statuses.items() if s == StageStatus.DONE}
-    ready = [spec.name for spec in get_pipeline(pipeline_name).ready(done)]
-    mark_queued(conn, job_id, ready)
+    dag = job_dag(conn, job_id)
+    done = {name for name, state in dag.items() if state.status == StageStatus.DONE}
+    now_ready = ready([state.spec for state in dag.values()], done)
+    mark_queued(conn, job_id, [spec.name for spec in now_ready])
     meta.clear_cancel(job_id)
-    return pipeline_name, priority, ready
+    return priority, now_ready
 
 
 def reopen_output(
     conn: Conn, meta: Metadata, job_id: str, error: FarmError
-) -> tuple[str, int, list[str]]:
+) -> tuple[int, list[StageSpec]]:
     """A done job whose stored output is gone or changed: the stage that wrote it goes back to
     queued (and reads its own input, rebuilding further up if that is lost too). Returns the
-    pipeline, priority and the stage to send. NotResumable if the job is no longer done
+    priority and the stage to send. NotResumable if the job is no longer done
     (another client reopened it first). Clears the cancel flag as ``reopen`` does (a cancel
     asked for after the job was done still set it)."""
-    status, pipeline_name, priority, output_key = lock_job(
-        conn, job_id, jobs.c.status, jobs.c.pipeline, jobs.c.priority, jobs.c.output_key
+    status, priority, output_key = lock_job(
+        conn, job_id, jobs.c.status, jobs.c.priority, jobs.c.output_key
     )
     if status != JobStatus.DONE:
         raise NotResumable(f"job {job_id} is {status}; its output is being rendered again.")
     query = select(runs.c.stage).where(runs.c.job_id == job_id, runs.c.artifact_key == output_key)
     stage = conn.execute(query).scalar_one()
+    spec = job_dag(conn, job_id)[stage].spec
     queue_rebuild(conn, job_id, stage, error)
     update_job(
         conn,
@@ -254,7 +264,7 @@ def reopen_output(
         finished_at=None,
     )
     meta.clear_cancel(job_id)
-    return pipeline_name, priority, [stage]
+    return priority, [spec]
 
 
 def _check_resumable(job_id: str, status: str, stages: dict[str, str]) -> None:
@@ -274,8 +284,8 @@ def _check_resumable(job_id: str, status: str, stages: dict[str, str]) -> None:
         )
 
 
-def queued_and_ready(job: Job) -> list[str]:
+def queued_and_ready(job: Job) -> list[StageSpec]:
     """Stages recorded as queued whose inputs are done: the ones a message should be out for
     (the reconciler and a redelivered stage re-send them; the in-process runner runs them)."""
-    ready = {spec.name for spec in get_pipeline(job.pipeline).ready(done_stages(job))}
-    return [r.stage for r in job.stage_runs if r.status == StageStatus.QUEUED and r.stage in ready]
+    queued = [spec_of(r) for r in job.stage_runs if r.status == StageStatus.QUEUED]
+    return ready(queued, done_stages(job))

@@ -1,7 +1,8 @@
 """SQLAlchemy models: the source of truth for jobs and their stages.
 
 One ``jobs`` row per job, one ``stage_runs`` row per (job, stage) — created with the job, so a
-job's stage table is complete from the start and a stage can never be recorded twice. A job
+job's stage table is complete from the start and a stage can never be recorded twice. The
+stage rows are also the job's DAG (``op``, ``after_stages``), built once at submit. A job
 belongs to every batch that submitted its input (``batch_jobs``): two renders of one folder
 share its jobs, and each still sees all of them.
 """
@@ -145,6 +146,10 @@ class StageRun(Base):
     stage: Mapped[str] = mapped_column(String(64))
     position: Mapped[int] = mapped_column(Integer)
     queue: Mapped[str] = mapped_column(String(32))
+    # The job's DAG, stored when it is submitted (a pipeline may build it from the job's
+    # parameters): the stage function it runs and the stages whose artifacts it reads.
+    op: Mapped[str] = mapped_column(String(64))
+    after_stages: Mapped[list[str]] = mapped_column(JsonDict)
     status: Mapped[str] = mapped_column(String(16), default=StageStatus.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     # Deliveries that started and never finished (worker killed): the poison-message guard.
@@ -163,6 +168,7 @@ class StageRun(Base):
     artifact_key: Mapped[str | None] = mapped_column(Text)
     artifact_size: Mapped[int | None] = mapped_column(Integer)
     checksum: Mapped[str | None] = mapped_column(String(64))
+    content_type: Mapped[str | None] = mapped_column(String(128))  # farm.storage.kinds
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from farm.db.models import Job, JobStatus, StageRun, StageStatus
 from farm.db.rows import Conn, lock_job
+from farm.pipelines import StageSpec
 
 
 @dataclass(frozen=True)
@@ -18,9 +19,12 @@ class StageRef:
     """A stage to send again, with what sending needs to know of its job."""
 
     job_id: str
-    pipeline: str
-    stage: str
+    spec: StageSpec  # as the job's DAG stores it
     priority: int
+
+    @property
+    def stage(self) -> str:
+        return self.spec.name
 
 
 def stale_stages(session: Session, ttl_s: float) -> list[tuple[str, str, int]]:
@@ -52,7 +56,7 @@ def expire_stages(
             .values(
                 status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1, queued_at=func.now()
             )
-            .returning(StageRun.job_id, StageRun.stage)
+            .returning(*_SPEC_COLUMNS)
         ).all()
     return _refs(session, rows)
 
@@ -62,7 +66,7 @@ def stale_queued_stages(session: Session, grace_s: float) -> list[StageRef]:
     either still waiting in the broker or was lost with it (the reconciler checks which)."""
     cutoff = func.now() - timedelta(seconds=grace_s)
     rows = session.execute(
-        select(StageRun.job_id, StageRun.stage)
+        select(*_SPEC_COLUMNS)
         .join(Job, Job.id == StageRun.job_id)
         .where(StageRun.status == StageStatus.QUEUED, StageRun.queued_at < cutoff)
         .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
@@ -83,10 +87,26 @@ def touch_queued(conn: Conn, refs: list[StageRef]) -> None:
         )
 
 
+_SPEC_COLUMNS = (
+    StageRun.job_id,
+    StageRun.stage,
+    StageRun.queue,
+    StageRun.op,
+    StageRun.after_stages,
+)
+
+
 def _refs(session: Session, rows) -> list[StageRef]:
-    job_ids = sorted({job_id for job_id, _ in rows})
+    job_ids = sorted({row.job_id for row in rows})
     if not job_ids:
         return []
-    query = select(Job.id, Job.pipeline, Job.priority).where(Job.id.in_(job_ids))
-    jobs = {job_id: (pipeline, priority) for job_id, pipeline, priority in session.execute(query)}
-    return [StageRef(job_id, jobs[job_id][0], stage, jobs[job_id][1]) for job_id, stage in rows]
+    query = select(Job.id, Job.priority).where(Job.id.in_(job_ids))
+    priority = dict(session.execute(query).all())
+    return [
+        StageRef(
+            row.job_id,
+            StageSpec(row.stage, row.queue, row.op, tuple(row.after_stages)),
+            priority[row.job_id],
+        )
+        for row in rows
+    ]

@@ -9,12 +9,14 @@ whose owner stopped beating: every worker write is fenced by its attempt, so it 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from sqlalchemy import Connection, func, select, update
 from sqlalchemy.orm import Session
 
 from farm.db.models import Job, StageRun, StageStatus
 from farm.errors import FarmError, JobNotFound
+from farm.pipelines import StageSpec
 
 jobs, runs = Job.__table__, StageRun.__table__
 Conn = Connection | Session  # Core statements run on either
@@ -37,6 +39,34 @@ def stage_statuses(conn: Conn, job_id: str) -> dict[str, str]:
     """Every stage of the job and its status (read under the job's lock)."""
     query = select(runs.c.stage, runs.c.status).where(runs.c.job_id == job_id)
     return dict(conn.execute(query).all())
+
+
+@dataclass(frozen=True)
+class StageState:
+    """One stage of a job's stored DAG and where it is."""
+
+    spec: StageSpec
+    status: str
+
+
+_DAG_COLUMNS = (runs.c.stage, runs.c.queue, runs.c.op, runs.c.after_stages, runs.c.status)
+
+
+def job_dag(conn: Conn, job_id: str) -> dict[str, StageState]:
+    """The DAG the job stored at submit, in its stages' order, with each stage's status (read
+    under the job's lock when deciding what runs next)."""
+    query = select(*_DAG_COLUMNS).where(runs.c.job_id == job_id).order_by(runs.c.position)
+    return {row.stage: _state(row) for row in conn.execute(query)}
+
+
+def _state(row) -> StageState:
+    spec = StageSpec(row.stage, row.queue, row.op, tuple(row.after_stages))
+    return StageState(spec, row.status)
+
+
+def spec_of(run: StageRun) -> StageSpec:
+    """A stage record (ORM) as the StageSpec its job stored."""
+    return StageSpec(run.stage, run.queue, run.op, tuple(run.after_stages))
 
 
 def mark_queued(conn: Conn, job_id: str, stages: list[str]) -> None:

@@ -18,6 +18,7 @@ from farm.db.models import TERMINAL, JobStatus, StageStatus
 from farm.db.rows import (
     Conn,
     fenced,
+    job_dag,
     jobs,
     lock_job,
     mark_queued,
@@ -25,11 +26,11 @@ from farm.db.rows import (
     runs,
     stage_in,
     stage_is,
-    stage_statuses,
     update_job,
 )
 from farm.errors import FarmError, JobNotFound
-from farm.pipelines import get_pipeline
+from farm.pipelines import StageSpec, ready
+from farm.storage.kinds import KINDS
 
 # A store that loses a rebuilt checkpoint this often is broken, not unlucky: fail the job then.
 MAX_REBUILDS = 3
@@ -65,6 +66,7 @@ class Begin:
     action: BeginAction
     attempt: int = 0
     job: JobRow | None = None
+    spec: StageSpec | None = None  # the stage as its job's DAG stores it, when it runs
     inputs: tuple[InputRecord, ...] = ()  # what the stages it reads recorded, when it runs
 
 
@@ -76,6 +78,7 @@ class InputRecord:
     key: str
     size: int | None
     checksum: str | None
+    content_type: str | None
 
 
 def begin_stage(
@@ -84,8 +87,9 @@ def begin_stage(
     """Take the stage for this delivery (attempt + 1) unless it is done or the job is over.
     ``retry``: this delivery is Celery's retry after a transient fault, not a redelivery."""
     job = JobRow(*lock_job(conn, job_id, *_JOB_COLUMNS))
+    columns = (runs.c.status.label("run_status"), runs.c.attempts, runs.c.lost_runs)
     row = conn.execute(
-        select(runs.c.status.label("run_status"), runs.c.attempts, runs.c.lost_runs).where(
+        select(*columns, runs.c.queue, runs.c.op, runs.c.after_stages).where(
             stage_is(job_id, stage)
         )
     ).one_or_none()
@@ -116,15 +120,22 @@ def begin_stage(
     )
     started = func.coalesce(jobs.c.started_at, func.now())
     update_job(conn, job_id, status=JobStatus.RUNNING, current_stage=stage, started_at=started)
-    inputs = input_records(conn, job_id, get_pipeline(job.pipeline).stage(stage).after)
-    return Begin(BeginAction.RUN, attempt=attempt, job=job, inputs=inputs)
+    spec = StageSpec(stage, row.queue, row.op, tuple(row.after_stages))
+    inputs = input_records(conn, job_id, spec.after)
+    return Begin(BeginAction.RUN, attempt=attempt, job=job, spec=spec, inputs=inputs)
 
 
 def input_records(conn: Conn, job_id: str, stages: tuple[str, ...]) -> tuple[InputRecord, ...]:
     """The recorded checkpoints of ``stages``, in that order."""
     if not stages:
         return ()
-    query = select(runs.c.stage, runs.c.artifact_key, runs.c.artifact_size, runs.c.checksum)
+    query = select(
+        runs.c.stage,
+        runs.c.artifact_key,
+        runs.c.artifact_size,
+        runs.c.checksum,
+        runs.c.content_type,
+    )
     rows = {row.stage: row for row in conn.execute(query.where(stage_in(job_id, stages)))}
     return tuple(InputRecord(*rows[name]) for name in stages)
 
@@ -145,6 +156,7 @@ class Checkpoint:
     size: int
     checksum: str
     duration_s: float
+    content_type: str = KINDS["tensors"].content_type
 
 
 class Outcome(StrEnum):
@@ -159,7 +171,7 @@ class Outcome(StrEnum):
 @dataclass(frozen=True)
 class Completed:
     outcome: Outcome
-    ready: tuple[str, ...] = ()
+    ready: tuple[StageSpec, ...] = ()
 
 
 def complete_stage(
@@ -167,8 +179,8 @@ def complete_stage(
 ) -> Completed:
     """Commit the stage as done and decide, under the job's lock, which stages became ready
     (each marked queued here, so exactly one committer ever sends a join stage)."""
-    job_status, pipeline_name = lock_job(conn, job_id, jobs.c.status, jobs.c.pipeline)
-    statuses = stage_statuses(conn, job_id)
+    (job_status,) = lock_job(conn, job_id, jobs.c.status)
+    dag = job_dag(conn, job_id)
     result = conn.execute(
         update(runs)
         .where(fenced(job_id, stage, attempt))
@@ -179,6 +191,7 @@ def complete_stage(
             artifact_key=checkpoint.key,
             artifact_size=checkpoint.size,
             checksum=checkpoint.checksum,
+            content_type=checkpoint.content_type,
             error_code=None,
             error_message=None,
         )
@@ -187,10 +200,8 @@ def complete_stage(
         return Completed(Outcome.FENCED_OUT)
     if job_status in TERMINAL:
         return Completed(Outcome.JOB_STOPPED)  # keep its checkpoint, go no further
-    statuses[stage] = StageStatus.DONE
-    pipeline = get_pipeline(pipeline_name)
-    done = {name for name, status in statuses.items() if status == StageStatus.DONE}
-    if len(done) == len(pipeline.stages):
+    done = {name for name, state in dag.items() if state.status == StageStatus.DONE} | {stage}
+    if len(done) == len(dag):
         update_job(
             conn,
             job_id,
@@ -201,16 +212,18 @@ def complete_stage(
         )
         return Completed(Outcome.FINISHED)
     waiting = (StageStatus.QUEUED, StageStatus.RUNNING)
-    ready = [s.name for s in pipeline.ready(done) if statuses[s.name] not in waiting]
-    mark_queued(conn, job_id, ready)
-    return Completed(Outcome.ADVANCED, tuple(ready))
+    specs = [state.spec for state in dag.values()]
+    now_ready = [s for s in ready(specs, done) if dag[s.name].status not in waiting]
+    mark_queued(conn, job_id, [s.name for s in now_ready])
+    return Completed(Outcome.ADVANCED, tuple(now_ready))
 
 
 def fail_stage(
     conn: Conn, job_id: str, stage: str, attempt: int | None, code: str, message: str
-) -> None:
+) -> bool:
     """Fail the stage and its job with a stable code; nothing is retried after this.
-    ``attempt`` None: fail it whoever owns it (the poison guard, a bad record)."""
+    ``attempt`` None: fail it whoever owns it (the poison guard, a bad record). True if the
+    job failed now (its other running branches should stop)."""
     (job_status,) = lock_job(conn, job_id, jobs.c.status)
     # With an attempt, only while that delivery still owns the stage and it is running: a
     # stage already committed done can never be failed afterwards.
@@ -225,15 +238,17 @@ def fail_stage(
             error_message=message,
         )
     )
-    if failed.rowcount and job_status not in TERMINAL:
-        update_job(
-            conn,
-            job_id,
-            status=JobStatus.FAILED,
-            error_code=code,
-            error_message=message,
-            finished_at=func.now(),
-        )
+    if not failed.rowcount or job_status in TERMINAL:
+        return False
+    update_job(
+        conn,
+        job_id,
+        status=JobStatus.FAILED,
+        error_code=code,
+        error_message=message,
+        finished_at=func.now(),
+    )
+    return True
 
 
 def requeue_stage(
@@ -253,14 +268,16 @@ def requeue_stage(
     )
 
 
-def cancel_stage(conn: Conn, job_id: str, stage: str, attempt: int) -> None:
-    """The running stage saw its job's cancel flag: it and the job end cancelled."""
-    mark_cancelled(conn, job_id)  # takes the job's lock first, as everywhere
+def cancel_stage(conn: Conn, job_id: str, stage: str, attempt: int) -> bool:
+    """The running stage saw its job's cancel flag: it ends cancelled, and so does the job
+    unless another branch failed it first. True if the job is cancelled."""
+    cancelled = mark_cancelled(conn, job_id)  # takes the job's lock first, as everywhere
     conn.execute(
         update(runs)
         .where(fenced(job_id, stage, attempt))
         .values(status=StageStatus.CANCELLED, finished_at=func.now())
     )
+    return cancelled
 
 
 class Rebuild(StrEnum):
@@ -274,16 +291,18 @@ class Rebuild(StrEnum):
 
 def reopen_producer(
     conn: Conn, job_id: str, stage: str, attempt: int, producer: str, error: FarmError
-) -> Rebuild:
+) -> tuple[Rebuild, StageSpec]:
     """A running stage found ``producer``'s checkpoint gone or changed: the stage goes back to
     pending, and the producer, done until now, to queued so that it runs again. Its record
-    keeps its attempts; ``rebuilds`` counts the reopenings (at most ``MAX_REBUILDS``)."""
+    keeps its attempts; ``rebuilds`` counts the reopenings (at most ``MAX_REBUILDS``).
+    Returns what happened and the producer, as its job's DAG stores it."""
     lock_job(conn, job_id)
     (rebuilds, status) = conn.execute(
         select(runs.c.rebuilds, runs.c.status).where(stage_is(job_id, producer))
     ).one()
+    spec = job_dag(conn, job_id)[producer].spec
     if status == StageStatus.DONE and rebuilds >= MAX_REBUILDS:
-        return Rebuild.GIVE_UP
+        return Rebuild.GIVE_UP, spec
     waiting = conn.execute(
         update(runs)
         .where(fenced(job_id, stage, attempt))
@@ -294,12 +313,12 @@ def reopen_producer(
         )
     )
     if waiting.rowcount != 1:
-        return Rebuild.FENCED_OUT
+        return Rebuild.FENCED_OUT, spec
     if status != StageStatus.DONE:
-        return Rebuild.WAIT
+        return Rebuild.WAIT, spec
     queue_rebuild(conn, job_id, producer, error)
     update_job(conn, job_id, current_stage=producer)
-    return Rebuild.SEND
+    return Rebuild.SEND, spec
 
 
 def came_back(conn: Conn, job_id: str, stage: str, attempt: int) -> bool:

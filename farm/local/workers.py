@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +53,8 @@ class WorkerProcess:
             self.kill()
 
 
-def worker_command(name: str, loglevel: str = "INFO") -> list[str]:
+def worker_command(name: str, loglevel: str = "INFO", queues: Sequence[str] = ()) -> list[str]:
+    """``queues``: what it consumes instead of its role's own queue (``-Q``)."""
     return [
         sys.executable,
         "-m",
@@ -65,11 +67,15 @@ def worker_command(name: str, loglevel: str = "INFO") -> list[str]:
         "--loglevel",
         loglevel,
         "-E",
+        *(["-Q", ",".join(queues)] if queues else []),
     ]
 
 
-def start_worker(role: str, env: dict[str, str], log_dir: Path) -> WorkerProcess:
-    """Start one worker of ``role`` with the farm settings in ``env``."""
+def start_worker(
+    role: str, env: dict[str, str], log_dir: Path, queues: Sequence[str] = ()
+) -> WorkerProcess:
+    """Start one worker of ``role`` with the farm settings in ``env``, consuming ``queues``
+    (default: the role's own)."""
     if role not in ROLES:
         raise ConfigError(f"unknown worker role {role!r}; choose cpu or gpu")
     name = f"{role}-{uuid.uuid4().hex[:6]}@{os.uname().nodename}"
@@ -78,7 +84,7 @@ def start_worker(role: str, env: dict[str, str], log_dir: Path) -> WorkerProcess
     full_env = {**os.environ, **env, "FARM_WORKER_ROLE": role, "PYTHONUNBUFFERED": "1"}
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            worker_command(name),
+            worker_command(name, queues=queues),
             env=full_env,
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -11,45 +11,24 @@ does (see ``to_model``); that is what makes the staged run bit-exact with the pi
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal, Protocol
-
 import torch
 
 from farm.errors import ArtifactMissing, ModelError
 from farm.models import ModelBundle
 from farm.params import RenderParams
+from farm.pipelines import StageHooks as StageHooks  # where stages have always found it
 
 Tensors = dict[str, torch.Tensor]
 Artifact = Tensors | bytes
 
 
-class StageHooks(Protocol):
-    """What a stage may tell the code running it."""
-
-    def on_step(self, step: int, total: int) -> None:
-        """Called after each UNet call of denoise; may raise JobCancelled to stop the stage."""
-
-
 class NoHooks:
     """Hooks that do nothing, for running stages by hand."""
 
+    stage = ""
+
     def on_step(self, step: int, total: int) -> None:
         return None
-
-
-StageFn = Callable[[Artifact | None, RenderParams, ModelBundle | None, StageHooks], Artifact]
-
-
-@dataclass(frozen=True)
-class Stage:
-    """A named step of a pipeline: what it needs, what it reads and what it writes."""
-
-    name: str
-    needs_model: bool
-    output: Literal["tensors", "png"]
-    run: StageFn
 
 
 def tensors_of(artifact: Artifact | None, stage: str, *keys: str) -> Tensors:

@@ -21,6 +21,9 @@ from farm.errors import ConfigError
 from farm.pipelines import QUEUES
 
 TASK_FOR_QUEUE = {"cpu": "farm.cpu.run_stage", "gpu": "farm.gpu.run_stage"}
+# The stages of any other queue a pipeline names (audio, ...): the queue travels as the
+# message's routing key, so one task serves them all.
+ANY_QUEUE_TASK = "farm.run_stage"
 WORKER_ROLES = ("cpu", "gpu")  # each has a settings module worker_configs/ROLE.py
 # Redis lists one queue per priority step; kombu pops step 0 first.
 PRIORITY_STEPS = list(range(10))
@@ -128,6 +131,11 @@ def _forget_connections() -> None:
     not be closed here."""
     app._pool = None
     app.amqp._producer_pool = None
+
+
+def task_for(queue: str) -> str:
+    """The task name a stage message on ``queue`` carries (Flower shows it)."""
+    return TASK_FOR_QUEUE.get(queue, ANY_QUEUE_TASK)
 
 
 def celery_priority(priority: int) -> int:

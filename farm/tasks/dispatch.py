@@ -32,8 +32,8 @@ from farm.db.job_records import get_job, queued_and_ready
 from farm.db.models import JobStatus
 from farm.db.session import session_scope
 from farm.errors import BrokerAuthError, BrokerUnavailable, FarmError, TransientError
-from farm.pipelines import get_pipeline
-from farm.tasks.app import TASK_FOR_QUEUE, app, celery_priority
+from farm.pipelines import StageSpec
+from farm.tasks.app import app, celery_priority, task_for
 from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
@@ -51,24 +51,23 @@ RETRY_POLICY = {"max_retries": 5, "interval_start": 0.2, "interval_step": 0.5, "
 class Next:
     """What a committed stage leads to."""
 
-    continue_with: str | None = None  # run now, in this worker
-    send: tuple[str, ...] = ()  # give to the broker
+    continue_with: StageSpec | None = None  # run now, in this worker
+    send: tuple[StageSpec, ...] = ()  # give to the broker
 
 
-def plan(pipeline: str, ready: Sequence[str], serves: str | None) -> Next:
+def plan(ready: Sequence[StageSpec], serves: str | None) -> Next:
     """Of the stages that just became ready, continue the first one on ``serves`` (the queue
-    of the worker that committed) and send the rest."""
-    queue_of = get_pipeline(pipeline).stage
-    here = next((stage for stage in ready if queue_of(stage).queue == serves), None)
-    return Next(here, tuple(stage for stage in ready if stage != here))
+    of the worker that committed) and send the rest: parallel branches go to other workers,
+    even of this queue, and each branch keeps continuing in the worker that runs it."""
+    here = next((spec for spec in ready if spec.queue == serves), None)
+    return Next(here, tuple(spec for spec in ready if spec != here))
 
 
 class Sender(Protocol):
     def send(
         self,
         job_id: str,
-        pipeline: str,
-        stages: Iterable[str],
+        stages: Iterable[StageSpec],
         priority: int,
         countdown: float | None = None,
     ) -> None:
@@ -81,13 +80,12 @@ class BrokerSender:
     def send(
         self,
         job_id: str,
-        pipeline: str,
-        stages: Iterable[str],
+        stages: Iterable[StageSpec],
         priority: int,
         countdown: float | None = None,
     ) -> None:
-        for stage in stages:
-            send_stage(job_id, pipeline, stage, priority, countdown=countdown)
+        for spec in stages:
+            send_stage(job_id, spec, priority, countdown=countdown)
 
 
 @dataclass
@@ -99,30 +97,29 @@ class InlineSender:
     def send(
         self,
         job_id: str,
-        pipeline: str,
-        stages: Iterable[str],
+        stages: Iterable[StageSpec],
         priority: int,
         countdown: float | None = None,
     ) -> None:
-        self.pending.extend(stages)  # in order; a backoff means nothing in one process
+        # in order; a backoff means nothing in one process
+        self.pending.extend(spec.name for spec in stages)
 
 
 def send_stage(
     job_id: str,
-    pipeline: str,
-    stage: str,
+    spec: StageSpec,
     priority: int,
     producer=None,
     countdown: float | None = None,
 ) -> None:
-    """``producer``: reuse one broker connection across many sends (a folder's chunk).
-    ``countdown``: seconds before a worker may run it (a retry's backoff)."""
-    queue = get_pipeline(pipeline).stage(stage).queue
+    """A message for one stage, on the queue its job's DAG names. ``producer``: reuse one
+    broker connection across many sends (a folder's chunk). ``countdown``: seconds before a
+    worker may run it (a retry's backoff)."""
     try:
         app.send_task(
-            TASK_FOR_QUEUE[queue],
-            args=(job_id, stage),
-            queue=queue,
+            task_for(spec.queue),
+            args=(job_id, spec.name),
+            queue=spec.queue,
             priority=celery_priority(priority),
             producer=producer,
             countdown=countdown,
@@ -171,43 +168,44 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
 
 
-def send_many(pipeline: str, jobs: list[tuple[str, list[str]]], priority: int) -> None:
+def send_many(jobs: list[tuple[str, list[StageSpec]]], priority: int) -> None:
     """Many jobs' first messages over one connection, in one pipelined round trip. Should
     the batch fail (delivery of its messages is then uncertain), they are sent again one by
     one with the usual retries: a message that arrives twice is a no-op by design."""
     try:
         with app.producer_or_acquire() as producer, producer.batch():
             for job_id, stages in jobs:
-                for stage in stages:
-                    send_stage(job_id, pipeline, stage, priority, producer)
+                for spec in stages:
+                    send_stage(job_id, spec, priority, producer)
     except (KombuError, BrokerUnavailable, *_BROKER_DOWN) as exc:
         log.warning("batched send of %d jobs failed (%s); sending one by one", len(jobs), exc)
         for job_id, stages in jobs:
-            BrokerSender().send(job_id, pipeline, stages, priority)
+            BrokerSender().send(job_id, stages, priority)
 
 
-def resend_ready(ctx: Context, job_id: str, sender: Sender) -> list[str]:
+def resend_ready(ctx: Context, job_id: str, sender: Sender) -> list[StageSpec]:
     """Send again the stages of an active job recorded as queued whose inputs are done;
     returns them."""
     with session_scope(ctx.db_url) as s:
         job = get_job(s, job_id)
         if job.status not in (JobStatus.QUEUED, JobStatus.RUNNING):
             return []
-        ready, pipeline, priority = queued_and_ready(job), job.pipeline, job.priority
-    sender.send(job_id, pipeline, ready, priority)
+        ready, priority = queued_and_ready(job), job.priority
+    sender.send(job_id, ready, priority)
     return ready
 
 
 def send_or_leave(
-    sender: Sender, job_id: str, pipeline: str, stages: Iterable[str], priority: int, **kw
+    sender: Sender, job_id: str, stages: Iterable[StageSpec], priority: int, **kw
 ) -> bool:
     """Send, or leave the stages to the reconciler if the broker is down or refuses this
     process's login (they stay recorded as queued; nothing after a commit may fail its stage).
     True if sent."""
     stages = list(stages)
     try:
-        sender.send(job_id, pipeline, stages, priority, **kw)
+        sender.send(job_id, stages, priority, **kw)
     except (TransientError, BrokerAuthError) as exc:
-        log.warning("%s %s not sent (%s); the reconciler will send them", job_id, stages, exc)
+        names = [spec.name for spec in stages]
+        log.warning("%s %s not sent (%s); the reconciler will send them", job_id, names, exc)
         return False
     return True

@@ -13,6 +13,7 @@ import os
 
 from farm.db.job_records import get_job, queued_and_ready
 from farm.db.session import session_scope
+from farm.pipelines import StageSpec
 from farm.tasks.context import Context
 from farm.tasks.dispatch import InlineSender
 from farm.tasks.runner import StageRun
@@ -24,7 +25,7 @@ def run_job_inline(ctx: Context, job_id: str, worker: str | None = None) -> list
     errors (a service down) are raised, not retried."""
     worker = worker or f"inline@{os.uname().nodename}"
     sender = InlineSender()
-    sender.pending.extend(_queued_and_ready(ctx, job_id))
+    sender.pending.extend(spec.name for spec in _queued_and_ready(ctx, job_id))
     ran = []
     while sender.pending:
         stage = sender.pending.popleft()
@@ -33,6 +34,6 @@ def run_job_inline(ctx: Context, job_id: str, worker: str | None = None) -> list
     return ran
 
 
-def _queued_and_ready(ctx: Context, job_id: str) -> list[str]:
+def _queued_and_ready(ctx: Context, job_id: str) -> list[StageSpec]:
     with session_scope(ctx.db_url) as s:
         return queued_and_ready(get_job(s, job_id))

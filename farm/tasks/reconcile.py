@@ -20,7 +20,7 @@ import logging
 from farm.db import reconcile_queries as queries
 from farm.db.session import session_scope, transaction
 from farm.errors import MetadataError
-from farm.pipelines import QUEUES
+from farm.pipelines import all_queues
 from farm.storage import keys
 from farm.tasks.broker_scan import held_stages
 from farm.tasks.context import Context
@@ -46,7 +46,7 @@ def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
         dead = queries.expire_stages(s, ttl, [r for r in stale if (r[0], r[1]) not in alive])
     for ref in dead:  # recorded queued now: one the broker cannot take is sent on a later pass
         log.warning("re-enqueueing %s/%s: its worker stopped beating", ref.job_id, ref.stage)
-        send_or_leave(sender, ref.job_id, ref.pipeline, [ref.stage], ref.priority)
+        send_or_leave(sender, ref.job_id, [ref.spec], ref.priority)
     return [(ref.job_id, ref.stage) for ref in dead]
 
 
@@ -68,11 +68,12 @@ def resend_lost(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
         waiting = queries.stale_queued_stages(s, grace)
     if not waiting:
         return []
-    held = held_stages(ctx.broker_redis, QUEUES, taken_within=grace)
+    queues = all_queues() | {ref.spec.queue for ref in waiting}
+    held = held_stages(ctx.broker_redis, queues, taken_within=grace)
     lost = [ref for ref in waiting if (ref.job_id, ref.stage) not in held]
     for ref in lost:
         log.warning("re-sending %s/%s: the broker lost its message", ref.job_id, ref.stage)
-        sender.send(ref.job_id, ref.pipeline, [ref.stage], ref.priority)
+        sender.send(ref.job_id, [ref.spec], ref.priority)
     with transaction(ctx.db_url) as conn:
         queries.touch_queued(conn, lost)
     return [(ref.job_id, ref.stage) for ref in lost]

@@ -12,7 +12,6 @@ import threading
 import time
 import uuid
 
-from farm import stages as stage_ops
 from farm.db import stage_records
 from farm.db.session import transaction
 from farm.db.stage_records import BeginAction, Checkpoint, InputRecord, JobRow, Outcome, Rebuild
@@ -28,12 +27,11 @@ from farm.errors import (
     StageCrashed,
     StageFailed,
 )
-from farm.params import RenderParams
-from farm.pipelines import StageSpec, get_pipeline
+from farm.pipelines import Pipeline, Stage, StageSpec, get_pipeline
 from farm.storage import keys
-from farm.storage.codecs import decode_tensors, encode_tensors
+from farm.storage.kinds import KINDS, kind_of
 from farm.storage.verified import Recorded, read_recorded, sha256_hex
-from farm.tasks import dispatch, faults
+from farm.tasks import dispatch, faults, models
 from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
@@ -116,8 +114,9 @@ class StageRun:
         self.token = uuid.uuid4().hex
         self.attempt: int | None = None
         self.keeper: LeaseKeeper | None = None
-        self.continue_with: str | None = None
+        self.continue_with: StageSpec | None = None
         self.job: JobRow | None = None  # once begun
+        self.spec: StageSpec | None = None  # once begun: the stage as its job stored it
         self.inputs: tuple[InputRecord, ...] = ()  # once begun: the checkpoints it reads
         self._cancelled = False
 
@@ -165,17 +164,17 @@ class StageRun:
             return "failed"
 
     def _run_and_commit(self) -> str:
+        pipeline = get_pipeline(self.job.pipeline)
         # The stored parameters are checked again here, so that a record written by another
         # version fails this stage with INVALID_PARAM instead of crashing the delivery.
-        params = RenderParams.from_dict(self.job.params)
+        params = pipeline.params.bind(pipeline.params.validate(self.job.params))
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
         if self._cancelled:
             raise JobCancelled("cancelled by request")
         self._check_lease()
-        spec = get_pipeline(self.job.pipeline).stage(self.stage)
-        op = stage_ops.STAGES[spec.op]
+        op = pipeline.op(self.spec.op)
         started = time.perf_counter()
-        output = self._run_op(spec, op, params)
+        output = self._run_op(pipeline, op, params)
         return self._commit(op, output, time.perf_counter() - started)
 
     # 1. take the stage in Postgres (attempt + 1), start heartbeating
@@ -185,7 +184,7 @@ class StageRun:
             begin = stage_records.begin_stage(
                 conn, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
             )
-        self.job, self.inputs = begin.job, begin.inputs
+        self.job, self.spec, self.inputs = begin.job, begin.spec, begin.inputs
         if begin.action == BeginAction.CRASHED:
             crash = StageCrashed(
                 f"{self.stage} killed its worker {begin.attempt} times; giving up. "
@@ -202,18 +201,21 @@ class StageRun:
         return begin.action
 
     # 2. load inputs, run the plain stage function
-    def _run_op(self, spec: StageSpec, op, params: RenderParams):
-        inputs = self._load_inputs(spec)
-        model = self._model() if op.needs_model else None
+    def _run_op(self, pipeline: Pipeline, op: Stage, params):
+        inputs = self._load_inputs(op)
+        model = models.load(pipeline, op.model, self.ctx.settings) if op.model else None
         return op.run(inputs, params, model, Hooks(self))
 
-    def _load_inputs(self, spec: StageSpec):
-        if not spec.after:
+    def _load_inputs(self, op: Stage):
+        """The submitted input (first stages), the one artifact a stage reads, or, for a join,
+        every artifact it reads by the name of the stage that wrote it."""
+        if not self.spec.after:
             return self._submitted_input()
-        merged: dict = {}
-        for record in self.inputs:
-            merged.update(decode_tensors(self._read_checkpoint(record)))
-        return merged
+        artifacts = {
+            record.stage: kind_of(record.content_type).decode(self._read_checkpoint(record))
+            for record in self.inputs
+        }
+        return artifacts if op.join else artifacts[self.spec.after[0]]
 
     def _submitted_input(self) -> bytes | None:
         """The user's input: its own object or a range of a packed one. The one artifact the
@@ -239,22 +241,15 @@ class StageRun:
         except (ArtifactMissing, ArtifactCorrupt) as exc:
             raise InputLost(record.stage, exc) from exc
 
-    def _model(self):
-        from farm.models import load_model  # torch + diffusers: GPU role only
-
-        return load_model(self.ctx.settings.model, self.ctx.settings.data_dir)
-
     # 3. write the checkpoint, then commit the record (fenced), then hand on what is next
-    def _commit(self, op, output, duration: float) -> str:
+    def _commit(self, op: Stage, output, duration: float) -> str:
         self._check_lease()
-        if op.output == "png":
-            data, key = output, keys.artifact_key(self.job_id, self.stage, "png")
-        else:
-            data, key = encode_tensors(output), keys.artifact_key(self.job_id, self.stage)
+        kind = KINDS[op.writes]
+        data, key = kind.encode(output), keys.artifact_key(self.job_id, self.stage, kind.suffix)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "upload")
         self.ctx.store.put(key, data)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "commit")
-        checkpoint = Checkpoint(key, len(data), sha256_hex(data), duration)
+        checkpoint = Checkpoint(key, len(data), sha256_hex(data), duration, kind.content_type)
         with transaction(self.ctx.db_url) as conn:
             done = stage_records.complete_stage(
                 conn, self.job_id, self.stage, self.attempt, checkpoint
@@ -270,24 +265,23 @@ class StageRun:
         self._hand_on(done.ready)
         return "done"
 
-    def _hand_on(self, ready: tuple[str, ...]) -> None:
+    def _hand_on(self, ready: tuple[StageSpec, ...]) -> None:
         """The record is committed: nothing after this may fail the stage. Stages that cannot
         be sent now stay recorded as queued, for the reconciler."""
         if not ready:  # the rest waits on another branch still running
             return
-        job = self.job
-        nxt = dispatch.plan(job.pipeline, ready, self.serves)
+        nxt = dispatch.plan(ready, self.serves)
         self.continue_with = nxt.continue_with
-        dispatch.send_or_leave(self.sender, self.job_id, job.pipeline, nxt.send, job.priority)
+        dispatch.send_or_leave(self.sender, self.job_id, nxt.send, self.job.priority)
         if not self.continue_with:  # a continued stage publishes its own start
-            self._live("set_state", self.job_id, status="running", stage=ready[0], step=0)
+            self._live("set_state", self.job_id, status="running", stage=ready[0].name, step=0)
 
     def _rebuild(self, lost: InputLost) -> str:
         """Re-run the stage that wrote the lost checkpoint; this one runs again after it (and
         so on up the pipeline, should that stage find its own input lost too)."""
         log.warning("%s/%s: %s; running %s again", self.job_id, self.stage, lost, lost.producer)
         with transaction(self.ctx.db_url) as conn:
-            rebuild = stage_records.reopen_producer(
+            rebuild, producer = stage_records.reopen_producer(
                 conn, self.job_id, self.stage, self.attempt, lost.producer, lost.error
             )
         if rebuild == Rebuild.GIVE_UP:
@@ -298,7 +292,7 @@ class StageRun:
             self._fail(lost.error.code, message)
             return "failed"
         if rebuild == Rebuild.SEND:
-            self._hand_on((lost.producer,))
+            self._hand_on((producer,))
         return "rebuild"
 
     def _live(self, method: str, *args, **kwargs):
@@ -315,9 +309,12 @@ class StageRun:
             raise LeaseLost("another delivery took over this stage")
 
     def _record_cancel(self) -> None:
+        """Stopped between steps: the job was cancelled, or another branch failed it (its
+        status and error stay the failing branch's)."""
         with transaction(self.ctx.db_url) as conn:
-            stage_records.cancel_stage(conn, self.job_id, self.stage, self.attempt)
-        self._live("finish", self.job_id, "cancelled")
+            cancelled = stage_records.cancel_stage(conn, self.job_id, self.stage, self.attempt)
+        if cancelled:
+            self._live("finish", self.job_id, "cancelled")
 
     def _came_back(self) -> None:
         """This delivery stalled and was taken for dead; it was not: un-count it, so that
@@ -341,8 +338,16 @@ class StageRun:
     def _fail(self, code: str, message: str) -> None:
         log.warning("%s/%s failed: %s: %s", self.job_id, self.stage, code, message)
         with transaction(self.ctx.db_url) as conn:
-            stage_records.fail_stage(conn, self.job_id, self.stage, self.attempt, code, message)
-        self._live("finish", self.job_id, "failed")
+            failed = stage_records.fail_stage(
+                conn, self.job_id, self.stage, self.attempt, code, message
+            )
+            if failed:
+                # The job's other branches still running stop at their next step, at the
+                # cancel flag they check. Set under the job's lock, so that a resume (which
+                # clears the flag under it) can only come after.
+                self._live("request_cancel", self.job_id)
+        if failed:
+            self._live("finish", self.job_id, "failed")
 
 
 class Hooks:
@@ -350,6 +355,7 @@ class Hooks:
 
     def __init__(self, run: StageRun) -> None:
         self.run = run
+        self.stage = run.stage  # which stage of the job's DAG: a branch, a tile
 
     def on_step(self, step: int, total: int) -> None:
         run = self.run

@@ -1,4 +1,5 @@
-"""The two Celery tasks: one per queue, both running the same wrapper."""
+"""The Celery tasks: one for each built-in queue and one for any queue a plugin names, all
+running the same wrapper."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from celery import Task
 
 from farm.errors import FarmError
 from farm.tasks import context, dispatch
-from farm.tasks.app import app
+from farm.tasks.app import ANY_QUEUE_TASK, app
 from farm.tasks.runner import StageRun
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
         ) from exc
     job = run.job  # known once the delivered stage ran: what a continued stage's retry needs
     while run.continue_with:
-        run = StageRun(ctx, job_id, run.continue_with, worker, serves=queue)
+        spec = run.continue_with
+        run = StageRun(ctx, job_id, spec.name, worker, serves=queue)
         try:
             outcome = run.execute()
         except FarmError as exc:
@@ -44,9 +46,7 @@ def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
             # This message's own stage is done, so the continued one gets a message of its
             # own, with its own retry count; with the broker down too, the reconciler sends it.
             log.warning("%s/%s: %s; sending it as its own message", job_id, run.stage, exc)
-            dispatch.send_or_leave(
-                run.sender, job_id, job.pipeline, [run.stage], job.priority, countdown=_backoff(0)
-            )
+            dispatch.send_or_leave(run.sender, job_id, [spec], job.priority, countdown=_backoff(0))
             return "requeued"
     return outcome
 
@@ -63,3 +63,8 @@ def cpu_stage(self: Task, job_id: str, stage: str) -> str:
 @app.task(name="farm.gpu.run_stage", bind=True)
 def gpu_stage(self: Task, job_id: str, stage: str) -> str:
     return _run(self, "gpu", job_id, stage)
+
+
+@app.task(name=ANY_QUEUE_TASK, bind=True)
+def any_queue_stage(self: Task, job_id: str, stage: str) -> str:
+    return _run(self, self.request.delivery_info.get("routing_key") or "", job_id, stage)

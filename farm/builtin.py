@@ -1,0 +1,82 @@
+"""The built-in pipelines: Stable Diffusion img2img and txt2img, and the farm's own probes.
+
+Their stages are declared here, with what each reads, writes and needs; the functions live in
+farm.stages and are imported when a stage first runs, since they import torch and diffusers,
+which a client never needs.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+
+from farm.fanout import FANOUT
+from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageFn, linear
+from farm.schema import RenderSchema
+from farm.storage.kinds import INPUT
+
+
+def _lazy(module: str, function: str = "run") -> StageFn:
+    """``farm.stages.<module>.<function>``, imported on its first call."""
+
+    def run(artifact, params, model, hooks):
+        real = getattr(import_module(f"farm.stages.{module}"), function)
+        return real(artifact, params, model, hooks)
+
+    run.__qualname__ = f"farm.stages.{module}.{function}"
+    return run
+
+
+SD_STAGES: dict[str, Stage] = {
+    stage.name: stage
+    for stage in (
+        Stage("preprocess", _lazy("preprocess"), reads=(INPUT,)),
+        Stage("encode", _lazy("encode"), model=SD_MODEL),
+        Stage("noise", _lazy("noise"), model=SD_MODEL),
+        Stage("noise_txt2img", _lazy("noise", "run_txt2img"), reads=(), model=SD_MODEL),
+        Stage("denoise", _lazy("denoise"), model=SD_MODEL),
+        Stage("decode", _lazy("decode"), model=SD_MODEL),
+        Stage("postprocess", _lazy("postprocess"), writes="png"),
+        Stage("noop", _lazy("noop"), reads=(INPUT, "tensors")),
+    )
+}
+
+IMG2IMG = linear(
+    "img2img",
+    [
+        ("preprocess", CPU, "preprocess"),
+        ("encode", GPU, "encode"),  # feature extraction
+        ("noise", GPU, "noise"),  # noise injection
+        ("denoise", GPU, "denoise"),
+        ("decode", GPU, "decode"),
+        ("postprocess", CPU, "postprocess"),
+    ],
+    SD_STAGES,
+    params=RenderSchema(img2img=True),
+    help="Stable Diffusion image to image: the input re-rendered towards the prompt.",
+)
+
+TXT2IMG = linear(
+    "txt2img",
+    [
+        ("noise", GPU, "noise_txt2img"),  # pure noise from the seed, full schedule
+        ("denoise", GPU, "denoise"),
+        ("decode", GPU, "decode"),
+        ("postprocess", CPU, "postprocess"),
+    ],
+    SD_STAGES,
+    needs_input=False,
+    params=RenderSchema(),
+    help="Stable Diffusion text to image: a picture from the prompt alone.",
+)
+
+# Six stages that only carry a small artifact along the same queues as img2img: what the
+# farm's own machinery costs per stage (benchmarks/overhead.py).
+NOOP = linear(
+    "noop",
+    [(f"noop{i}", q, "noop") for i, q in enumerate([CPU, GPU, GPU, GPU, GPU, CPU], 1)],
+    SD_STAGES,
+    params=RenderSchema(),
+    help="Six stages that do nothing: what the farm itself costs per stage.",
+)
+
+BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, FANOUT)
