@@ -59,6 +59,9 @@ class StageInfo:
     error_code: str | None
     error_message: str | None
     waiting_on: str | None  # the service its retry waits on ("storage", "Postgres"...)
+    after: tuple[str, ...] = ()  # the stages it reads, as its job's DAG stores them
+    started_at: datetime | None = None  # of its last attempt
+    finished_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -377,4 +380,7 @@ def _stage_info(run: StageRun) -> StageInfo:
         error_code=run.error_code,
         error_message=run.error_message,
         waiting_on=_waiting_on(run),
+        after=tuple(run.after_stages),
+        started_at=run.started_at,
+        finished_at=run.finished_at,
     )

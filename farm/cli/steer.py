@@ -25,7 +25,7 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
     if as_json:
         payload = {
             **_jsonable(asdict(info)),
-            "stages": [asdict(s) for s in stages],
+            "stages": [_jsonable(asdict(s)) for s in stages],
             "progress": asdict(job.progress()),
         }
         console.print_json(json.dumps(payload))
