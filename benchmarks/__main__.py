@@ -1,6 +1,6 @@
 """``python -m benchmarks [NAME ...]``: run the CPU benchmarks on a fresh local stack.
 
-With no names it runs overhead, e2e, resume and bulk_submit (``make bench``); each writes
+With no names it runs overhead, e2e, resume, bulk_submit and join (``make bench``); each writes
 ``benchmarks/results/NAME.json`` and a summary table is printed at the end. The GPU benchmark
 has its own entry point (``python -m benchmarks.gpu``) because it needs CUDA.
 """
@@ -15,7 +15,7 @@ import time
 
 from benchmarks.harness import Row, bench_session, print_table, write_result
 
-CPU_BENCHMARKS = ("overhead", "e2e", "resume", "bulk_submit")
+CPU_BENCHMARKS = ("overhead", "e2e", "resume", "bulk_submit", "join")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,7 +44,7 @@ from benchmarks.harness import Bench, CpuClock, Row, cpu_delta, percentile, rati
 from farm import Farm
 from farm.db.models import StageRun
 from farm.db.session import session_scope
-from farm.pipelines import NOOP
+from farm.builtin import NOOP
 from farm.tasks.app import app
 
 NAME = "overhead"

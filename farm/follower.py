@@ -44,9 +44,10 @@ HASH_CHARS = 8  # of the sha256 that keeps a shortened name apart from the other
 UNKNOWN = JobProgress(status="running", stage=None, step=0, steps=0)  # while Redis is down
 
 
-def output_names(names: list[str]) -> dict[str, str]:
+def output_names(names: list[str], suffix: str = ".png") -> dict[str, str]:
     """Where each input's output goes under the output folder (README, "CLI"): ``sub/cat.jpg``
-    -> ``sub/cat.png``. Names are the file system's (undecodable bytes as surrogate escapes,
+    -> ``sub/cat.png`` (``suffix``: the kind of the pipeline's output, ``.png`` in the rules
+    below). Names are the file system's (undecodable bytes as surrogate escapes,
     kept as they are in the output's name). The rule, deterministic and never giving two
     inputs one output:
 
@@ -57,7 +58,7 @@ def output_names(names: list[str]) -> dict[str, str]:
        before ``.png``.
     4. A file name over ``NAME_MAX`` bytes is cut, at a character, to fit with ``~`` and the
        first ``HASH_CHARS`` hex digits of the sha256 of the name it replaces."""
-    wanted = {name: _stem(name) + ".png" for name in names}
+    wanted = {name: _stem(name) + suffix for name in names}
     claims = Counter(wanted.values())
     folders = {str(parent) for name in names for parent in PurePosixPath(name).parents}
     out = {name: name for name in names if wanted[name] == name}  # rule 1
@@ -65,9 +66,9 @@ def output_names(names: list[str]) -> dict[str, str]:
     for name in sorted(set(names) - set(out), key=os.fsencode):
         alone = claims[wanted[name]] == 1 and wanted[name] not in folders
         base = _stem(wanted[name]) if alone else name
-        target, number = _fit(base + ".png"), 2
+        target, number = _fit(base + suffix, suffix), 2
         while target in used:
-            target, number = _fit(f"{base} ({number}).png"), number + 1
+            target, number = _fit(f"{base} ({number}){suffix}", suffix), number + 1
         out[name] = target
         used.add(target)
     return out
@@ -77,23 +78,23 @@ def _stem(name: str) -> str:
     return str(PurePosixPath(name).with_suffix(""))
 
 
-def _fit(path: str) -> str:
+def _fit(path: str, suffix: str) -> str:
     """``path`` with its file name cut to ``NAME_MAX`` bytes, if longer (rule 4)."""
     folder, _, name = path.rpartition("/")
     if len(os.fsencode(name)) <= NAME_MAX:
         return path
     digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:HASH_CHARS]
-    tail = f"~{digest}.png"
-    stem = name.removesuffix(".png")
+    tail = f"~{digest}{suffix}"
+    stem = name.removesuffix(suffix)
     while len(os.fsencode(stem + tail)) > NAME_MAX:
         stem = stem[:-1]
     return f"{folder}/{stem}{tail}" if folder else stem + tail
 
 
-def renamed(name: str, output: str) -> str | None:
+def renamed(name: str, output: str, suffix: str = ".png") -> str | None:
     """The summary's line for an output that is not plainly ``<stem>.png`` (another input or
     a folder of inputs has that name: rules 2 and 3); None for one that is."""
-    plain = _stem(name) + ".png"
+    plain = _stem(name) + suffix
     if output == plain:
         return None
     return (
@@ -117,12 +118,13 @@ def _name(job: JobInfo) -> str:
     return job.input_name or job.id
 
 
-def _plan_outputs(farm: Farm, batch: Batch) -> tuple[dict[str, str], list[str]]:
+def _plan_outputs(farm: Farm, batch: Batch, suffix: str) -> tuple[dict[str, str], list[str]]:
     """Each job's output name (from its input's path in the batch's folder), and a line for
-    every output that is not plainly ``<stem>.png``."""
+    every output that is not plainly ``<stem><suffix>``."""
     paths = {job: os.fsdecode(path) for job, path in batch_input_paths(farm.ctx, batch.id).items()}
-    names = output_names(list(paths.values()))
-    lines = (renamed(path, names[path]) for path in sorted(paths.values(), key=os.fsencode))
+    names = output_names(list(paths.values()), suffix)
+    ordered = sorted(paths.values(), key=os.fsencode)
+    lines = (renamed(path, names[path], suffix) for path in ordered)
     return {job: names[path] for job, path in paths.items()}, [line for line in lines if line]
 
 
@@ -133,11 +135,14 @@ class Follower:
     for up to FARM_OUTAGE_TIMEOUT seconds, as workers do), a service a job's stage waits on
     (out of space, say), or a queue no worker consumes."""
 
-    def __init__(self, farm: Farm, batch: Batch, out_dir: Path, console: Console) -> None:
+    def __init__(
+        self, farm: Farm, batch: Batch, out_dir: Path, console: Console, suffix: str = ".png"
+    ) -> None:
+        """``suffix``: of the output files, from the kind the pipeline's final stage writes."""
         self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
         self.finished: set[str] = set()
         self.saved: dict[str, tuple[str, bool]] = {}  # done job -> its output, whether written
-        self.outputs, self.renamed = _plan_outputs(farm, batch)
+        self.outputs, self.renamed = _plan_outputs(farm, batch, suffix)
         self.records = patience(farm.ctx, self._tell_outage)  # Postgres, S3: needed to go on
         self.live = patience(farm.ctx, self._tell_outage)  # Redis: progress, live workers
         self.outage_told = 0.0  # when the current outage was last told

@@ -187,6 +187,11 @@ class Pipeline:
     def queues(self) -> set[str]:
         return {spec.queue for spec in self.stages}
 
+    @property
+    def output_suffix(self) -> str:
+        """The file suffix of its output (``.png``): the kind its final stage writes."""
+        return "." + KINDS[self.op(self.stages[-1].op).writes].suffix
+
     def ready(self, done: Iterable[str]) -> list[StageSpec]:
         return ready(self.stages, done)
 

@@ -7,11 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from farm.db import job_records, stage_records
-from farm.db.migrate import downgrade_base, upgrade_head
+from farm.db.migrate import alembic_config, downgrade_base, upgrade_head
 from farm.db.models import Base, StageRun
 from farm.db.session import get_engine, session_scope
 from farm.errors import NotResumable
@@ -46,6 +47,38 @@ def test_models_match_migrations(fresh_db: str) -> None:
     with get_engine(fresh_db).connect() as conn:
         diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
     assert diff == [], f"models and migrations differ; run alembic revision --autogenerate: {diff}"
+
+
+def test_migration_0006_stores_the_dags_of_jobs_recorded_before_it(fresh_db: str) -> None:
+    """Jobs recorded by an older farm ran the built-in linear pipelines: their stored DAGs
+    are those pipelines', stage by stage, and their finished checkpoints get content types."""
+    command.upgrade(alembic_config(fresh_db), "0005")
+    old = [("a" * 32, "txt2img", ["noise", "denoise", "decode", "postprocess"])]
+    old.append(("b" * 32, "noop", [f"noop{i}" for i in range(1, 7)]))
+    with get_engine(fresh_db).begin() as conn:
+        for job_id, pipeline, stages in old:
+            conn.execute(
+                sa.text("INSERT INTO jobs (id, pipeline, params, status, priority) "
+                        "VALUES (:id, :p, '{}', 'done', 5)"),
+                {"id": job_id, "p": pipeline},
+            )  # fmt: skip
+            for i, stage in enumerate(stages):
+                ext = "png" if stage == "postprocess" else "safetensors.zst"
+                conn.execute(
+                    sa.text("INSERT INTO stage_runs (job_id, stage, position, queue, status, "
+                            "attempts, lost_runs, rebuilds, artifact_key) VALUES (:j, :s, :i, "
+                            "'cpu', 'done', 1, 0, 0, :k)"),
+                    {"j": job_id, "s": stage, "i": i, "k": f"jobs/{job_id}/{stage}.{ext}"},
+                )  # fmt: skip
+    upgrade_head(fresh_db)
+    with session_scope(fresh_db) as s:
+        runs = {(r.job_id[0], r.stage): r for r in s.scalars(sa.select(StageRun))}
+    txt = [runs["a", name] for name in old[0][2]]
+    assert [r.op for r in txt] == ["noise_txt2img", "denoise", "decode", "postprocess"]
+    assert [r.after_stages for r in txt] == [[], ["noise"], ["denoise"], ["decode"]]
+    assert txt[-1].content_type == "image/png"
+    assert txt[0].content_type == "application/x-farm-tensors+zstd"
+    assert {runs["b", f"noop{i}"].op for i in range(1, 7)} == {"noop"}
 
 
 def test_constraint_names_follow_the_convention(stack: StackInfo) -> None:
