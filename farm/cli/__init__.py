@@ -2,7 +2,7 @@
 
 One module per group of commands: ``stack`` (the local stack, workers, the database and other
 operator commands), ``render`` (render and submit, with their one option set), ``steer``
-(inspecting and steering jobs).
+(inspecting and steering jobs), ``pipelines`` (what the farm can run).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 
 from rich.markup import escape
 
-from farm.cli import render, stack, steer  # noqa: F401 -- registers the commands
+from farm.cli import pipelines, render, stack, steer  # noqa: F401 -- registers the commands
 from farm.cli.app import app, err
 from farm.errors import FarmError
 

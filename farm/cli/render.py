@@ -10,14 +10,17 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import click
 import typer
+import typer.core
 
 from farm.api import Farm
 from farm.cli.app import DataDir, app, console, err
 from farm.cli.stack import _data_dir
 from farm.config import Settings, is_configured
-from farm.errors import ConfigError
+from farm.errors import ConfigError, InvalidParameter
 from farm.params import PARAM_HELP
+from farm.pipelines import all_pipelines, get_pipeline
 
 # -- rendering ------------------------------------------------------------------------------
 
@@ -52,20 +55,41 @@ RENDER_OPTIONS: dict[str, RenderOption] = {
 
 @dataclass(frozen=True)
 class RenderArgs:
-    """What a rendering command was asked: the pipeline, the priority, and the render
-    parameters given (RenderParams fills in the rest with its defaults)."""
+    """What a rendering command was asked: the pipeline, the priority, and the parameters given,
+    typed and checked by the pipeline's schema (which fills in the rest with its defaults)."""
 
     pipeline: str
     priority: int
     params: dict
 
 
+ParamOption = typer.Option(
+    None,
+    metavar="KEY=VALUE",
+    help="A parameter of the pipeline (`farm pipelines` lists them); repeatable.",
+)
+
+
+class RenderCommand(typer.core.TyperCommand):
+    """Names the registered pipelines in --pipeline's help when the help is shown, and only
+    then: listing them loads the plugins, which no other use of the command should pay for."""
+
+    def format_help(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = ", ".join(all_pipelines())
+        for param in self.params:
+            if param.name == "pipeline":
+                param.help = f"One of: {names} (`farm pipelines` describes them)."
+        super().format_help(ctx, formatter)
+
+
 def render_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give ``command`` the --pipeline and --priority options and every render option; it
-    receives them as one ``render: RenderArgs`` argument."""
+    """Give ``command`` the --pipeline, --param and --priority options and every render option;
+    it receives them as one ``render: RenderArgs`` argument. Register it with
+    ``cls=RenderCommand``."""
     own = [p for p in inspect.signature(command).parameters.values() if p.name != "render"]
     added = [
-        _keyword("pipeline", str, typer.Option("img2img", help="img2img or txt2img.")),
+        _keyword("pipeline", str, typer.Option("img2img", help="The pipeline to run.")),
+        _keyword("param", list[str] | None, ParamOption),
         _keyword("priority", int, typer.Option(5, help="0-9, higher runs first.")),
         *(
             _keyword(name, o.kind, typer.Option(None, *o.flags, help=PARAM_HELP[name]))
@@ -75,13 +99,31 @@ def render_options(command: Callable[..., None]) -> Callable[..., None]:
 
     @functools.wraps(command)
     def with_render_args(**kwargs: object) -> None:
-        given = {name: kwargs.pop(name) for name in RENDER_OPTIONS}
-        params = {name: value for name, value in given.items() if value is not None}
-        render = RenderArgs(kwargs.pop("pipeline"), kwargs.pop("priority"), params)
+        flags = {name: kwargs.pop(name) for name in RENDER_OPTIONS}
+        pipeline = kwargs.pop("pipeline")
+        params = job_params(pipeline, flags, kwargs.pop("param") or [])
+        render = RenderArgs(pipeline, kwargs.pop("priority"), params)
         command(**kwargs, render=render)
 
     with_render_args.__signature__ = inspect.Signature([*own, *added])  # what typer reads
     return with_render_args
+
+
+def job_params(pipeline: str, flags: dict[str, object], pairs: list[str]) -> dict[str, object]:
+    """The render flags given and the ``--param`` pairs, all typed by the pipeline's schema
+    (so ``--size 128`` is an int for a pipeline whose size is one) and checked as a whole now,
+    before any server is contacted or started: a flag the pipeline has no parameter for is
+    INVALID_PARAM naming it and the ones it has. Returns only what was given."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    keys = {pair.partition("=")[0].strip() for pair in pairs if "=" in pair}
+    twice = sorted(set(given) & keys)
+    if twice:
+        flag = RENDER_OPTIONS[twice[0]].flags[0]
+        raise InvalidParameter(f"{twice[0]} is given twice, as {flag} and as --param; give it once")
+    schema = get_pipeline(pipeline).params
+    params = schema.parse_cli([*(f"{name}={value}" for name, value in given.items()), *pairs])
+    schema.validate(params)
+    return params
 
 
 def _keyword(name: str, kind: type, option: object) -> inspect.Parameter:
@@ -115,7 +157,7 @@ def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
         stack.down()
 
 
-@app.command()
+@app.command(cls=RenderCommand)
 @render_options
 def render(
     input_dir: Path = typer.Argument(..., help="Folder of images."),
@@ -129,6 +171,7 @@ def render(
     Re-running the same command skips what is done and follows what is still running."""
     from farm.follower import Follower, summary
 
+    _refuse_input(render.pipeline, "it is for `farm submit`, without an input")
     _output_folder(output)  # before anything is submitted
     embedded = data_dir is not None or not is_configured()  # as _farm decides
     batch = None
@@ -155,6 +198,12 @@ def render(
         raise typer.Exit(1)
 
 
+def _refuse_input(pipeline: str, what_to_do: str) -> None:
+    """An input given to a pipeline that takes none would be dropped unread: say so instead."""
+    if not get_pipeline(pipeline).needs_input:
+        raise InvalidParameter(f"pipeline {pipeline} takes no input; {what_to_do}")
+
+
 def _output_folder(output: Path) -> None:
     """Create the output folder, or say in one line why it cannot be."""
     if output.exists() and not output.is_dir():
@@ -178,14 +227,18 @@ def _interrupted(batch, *, embedded: bool) -> str:
     )
 
 
-@app.command()
+@app.command(cls=RenderCommand)
 @render_options
 def submit(
-    image: Path | None = typer.Argument(None, help="Input image (none for txt2img)."),
+    image: Path | None = typer.Argument(
+        None, help="Input file; none for a pipeline without input (txt2img, fanout)."
+    ),
     *,
     render: RenderArgs,
 ) -> None:
     """Submit one job and print its id."""
+    if image is not None:
+        _refuse_input(render.pipeline, "drop the IMAGE argument")
     farm = Farm.from_env()
     job = farm.submit(image, pipeline=render.pipeline, priority=render.priority, **render.params)
     console.print(job.id)

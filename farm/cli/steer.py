@@ -60,9 +60,10 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
 @app.command()
 def result(
     job_id: str = JobId,
-    output: Path = typer.Option(..., "--output", "-o", help="File to write the PNG to."),
+    output: Path = typer.Option(..., "--output", "-o", help="File to write the output to."),
 ) -> None:
-    """Download a done job's output PNG (NOT_DONE if it has none yet)."""
+    """Download a done job's output (NOT_DONE if it has none yet): a PNG, or what its
+    pipeline's last stage writes (JSON for fanout)."""
     if output.is_dir():
         raise ConfigError(f"--output {output} is a folder; give a file name")
     saved = Farm.from_env().get(job_id).save(output)
