@@ -42,9 +42,9 @@ from benchmarks import stage_cost
 from benchmarks.events import TaskEvents, TaskTimes
 from benchmarks.harness import Bench, CpuClock, Row, cpu_delta, percentile, ratio
 from farm import Farm
+from farm.builtin import NOOP
 from farm.db.models import StageRun
 from farm.db.session import session_scope
-from farm.builtin import NOOP
 from farm.tasks.app import app
 
 NAME = "overhead"

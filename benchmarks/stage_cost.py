@@ -24,8 +24,8 @@ from sqlalchemy import event
 
 from benchmarks.meter import Meter, swap
 from farm import Farm
-from farm.db.session import get_engine
 from farm.builtin import NOOP
+from farm.db.session import get_engine
 from farm.tasks import dispatch, runner
 from farm.tasks.app import app
 from farm.tasks.runner import StageRun

@@ -72,6 +72,8 @@ class Farm:
         spec = get_pipeline(pipeline)
         canonical = spec.params.validate(self._default_size(spec, params))
         _check_priority(priority)
+        if image is not None and not spec.needs_input:
+            raise InvalidParameter(f"Pipeline {spec.name!r} takes no input; submit it without one.")
         data, name = _read_input(image) if spec.needs_input else (None, None)
         dag = spec.dag(spec.params.bind(canonical), data)
         # Before the first write, so a wrong setting leaves nothing. Once per Farm: it costs

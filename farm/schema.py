@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -164,9 +164,12 @@ class Params(Mapping[str, object]):
 
 @dataclass(frozen=True)
 class Schema:
-    """A pipeline's parameters, in the order listings show them."""
+    """A pipeline's parameters, in the order listings show them. ``check``: what no single
+    parameter can say (a list's items, two that must agree), given the bound parameters;
+    it raises InvalidParameter, at submit, before anything is stored."""
 
     params: tuple[Param, ...] = ()
+    check: Callable[[Params], None] | None = None
 
     def __post_init__(self) -> None:
         """Names are unique and never shadow a Mapping method, so ``params.name`` is the value."""
@@ -182,9 +185,12 @@ class Schema:
         """Every parameter in declaration order, checked, the missing ones at their default."""
         fields = check_mapping(raw)
         check_keys(fields, _names(self.params))
-        return {
+        canonical = {
             p.name: p.check(fields[p.name]) if p.name in fields else p.default for p in self.params
         }
+        if self.check is not None:
+            self.check(Params(canonical))
+        return canonical
 
     def parse_cli(self, pairs: Sequence[str]) -> dict[str, object]:
         """``["passes=3"]`` -> ``{"passes": 3}``: only the pairs given, each typed and checked."""

@@ -48,6 +48,21 @@ def test_the_dag_is_built_from_the_parameters_at_submit_and_bad_ones_are_refused
     assert len(farm.jobs(limit=None)) == before  # nothing recorded
 
 
+def test_a_folder_with_bad_plugin_parameters_is_refused_before_anything_is_stored(
+    farm, tmp_path
+) -> None:
+    (tmp_path / "a.png").write_bytes(sample_png(hue=32))
+    before = len(farm.jobs(limit=None))
+    with pytest.raises(InvalidParameter, match="filters must name different filters"):
+        farm.submit_folder(tmp_path, pipeline="variants", filters="blur,blur")
+    assert len(farm.jobs(limit=None)) == before
+
+
+def test_an_input_given_to_a_pipeline_that_takes_none_is_refused(farm) -> None:
+    with pytest.raises(InvalidParameter, match="takes no input"):
+        farm.submit(sample_png(hue=33), pipeline="fanout")
+
+
 def test_a_pipeline_model_is_loaded_once_per_process(settings) -> None:
     variants = get_pipeline("variants")
     first = models.load(variants, "tone-curve", settings)

@@ -246,6 +246,20 @@ def test_bind_validates() -> None:
     assert "passes must be between" in _message(SCHEMA.bind, {"passes": 0})
 
 
+def test_a_schema_check_sees_every_parameter_bound_and_refuses_at_validate() -> None:
+    seen = []
+
+    def few_passes_when_wide(params: Params) -> None:
+        seen.append(params)
+        if params.passes > 10 and params.radius > 0.5:
+            raise InvalidParameter("passes over 10 need a radius of at most 0.5")
+
+    schema = Schema((PASSES, RADIUS), check=few_passes_when_wide)
+    assert "need a radius" in _message(schema.validate, {"passes": 11, "radius": 0.9})
+    canonical = schema.validate({"radius": 0.9})
+    assert seen[-1] == canonical  # defaults filled in before the check
+
+
 # -- describe and digest --------------------------------------------------------------------------
 
 

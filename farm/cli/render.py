@@ -185,7 +185,8 @@ def render(
                 **render.params,
             )
             console.print(f"batch {batch.id}", highlight=False)
-            follower = Follower(farm, batch, output, console)
+            suffix = get_pipeline(render.pipeline).output_suffix
+            follower = Follower(farm, batch, output, console, suffix)
             jobs = follower.run()
     except KeyboardInterrupt:
         err.print(_interrupted(batch, embedded=embedded), soft_wrap=True, highlight=False)

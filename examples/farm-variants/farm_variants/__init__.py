@@ -82,14 +82,20 @@ def sheet(variants, params, _model, _hooks) -> bytes:
     return _png(grid)
 
 
-def expand(params, _data: bytes | None) -> list[StageSpec]:
-    """One branch per filter: the DAG depends on the job's parameters."""
+def filter_names(params) -> list[str]:
+    """The filters asked for: known, different, at least one (checked at submit)."""
     names = [name.strip() for name in params.filters.split(",") if name.strip()]
     unknown = [name for name in names if name not in FILTERS]
     if unknown or not names or len(set(names)) != len(names):
         raise InvalidParameter(
             f"filters must name different filters from {', '.join(FILTERS)}; got {params.filters!r}"
         )
+    return names
+
+
+def expand(params, _data: bytes | None) -> list[StageSpec]:
+    """One branch per filter: the DAG depends on the job's parameters."""
+    names = filter_names(params)
     branches = [StageSpec(f"variant-{name}", "cpu", "variant", ("load",)) for name in names]
     joined = tuple(b.name for b in branches)
     return [StageSpec("load", "cpu", "load"), *branches, StageSpec("sheet", "cpu", "sheet", joined)]
@@ -101,7 +107,8 @@ PARAMS = Schema(
         Param("passes", int, 1, "How many times each filter is applied.", 1, 200),
         Param("size", int, 256, "Long side of each variant, in pixels.", 16, 2048),
         Param("columns", int, 3, "Variants per row of the sheet.", 1, 16),
-    )
+    ),
+    check=filter_names,
 )
 
 PIPELINE = Pipeline(
