@@ -13,9 +13,9 @@ from __future__ import annotations
 import hashlib
 import time
 
-from farm.errors import ArtifactCorrupt
-from farm.pipelines import CPU, QUEUES, Pipeline, StageSpec, stage
-from farm.schema import Param, Schema
+from farm.errors import ArtifactCorrupt, InvalidParameter
+from farm.pipelines import CPU, Pipeline, StageSpec, is_name, stage
+from farm.schema import Param, Params, Schema
 
 
 @stage(writes="json", reads=())
@@ -58,12 +58,19 @@ def expand(params, _data: bytes | None) -> list[StageSpec]:
     return dag
 
 
+def _check_queue(params: Params) -> None:
+    if not is_name(params.queue):
+        raise InvalidParameter(
+            f"queue must be a queue name (a-z, 0-9, '_', '.', '-'), got {params.queue[:40]!r}"
+        )
+
+
 PARAMS = Schema(
     (
         Param("branches", int, 2, "How many branches run between split and join.", 1, 64),
         Param("steps", int, 1, "Steps each branch reports (it can stop between them).", 1, 10_000),
         Param("step_seconds", float, 0.0, "Seconds each step sleeps: simulated work.", 0, 60),
-        Param("queue", str, CPU, "The queue the branches run on.", choices=QUEUES),
+        Param("queue", str, CPU, "The queue the branches run on (any: probe a worker's)."),
         Param(
             "shape",
             str,
@@ -72,7 +79,8 @@ PARAMS = Schema(
             choices=("fan", "chain"),
         ),
         Param("seed", int, 0, "Seeds every branch's value.", 0, 2**32 - 1),
-    )
+    ),
+    check=_check_queue,
 )
 
 FANOUT = Pipeline(

@@ -229,6 +229,11 @@ def check_dag(pipeline: str, dag: tuple[StageSpec, ...]) -> None:
         raise PipelineInvalid(f"pipeline {pipeline} has a cycle: {exc.args[1]}") from exc
 
 
+def is_name(text: str) -> bool:
+    """Whether ``text`` may name a pipeline, stage or queue."""
+    return bool(_NAME.match(text))
+
+
 def check_queue_names(names: Iterable[str]) -> list[str]:
     """Queue names a worker was given (``--queues audio,cpu``), checked; ConfigError if not."""
     queues = [name.strip() for name in names if name.strip()]

@@ -16,6 +16,8 @@ import pytest
 from farm.db.job_records import get_job
 from farm.db.session import session_scope
 from farm.errors import PipelineInvalid
+from farm.job import NoWorkerWarning
+from farm.local.workers import start_worker, wait_ready
 from farm.pipelines import Pipeline, StageSpec, stage
 from farm.tasks import faults
 from tests.helpers import wait_until
@@ -117,6 +119,25 @@ def test_a_killed_branch_worker_reruns_only_its_branch(farm, two_gpu_workers) ->
     runs = records(farm, job.id)
     assert (runs["branch-0"].attempts, runs["branch-0"].lost_runs) == (2, 1)
     assert [runs[name].attempts for name in ("split", "branch-1", "join")] == [1, 1, 1]
+
+
+def test_a_queue_a_pipeline_names_is_served_by_a_worker_given_it(farm, running) -> None:
+    """Any queue name: the job waits, warning that no worker consumes it, until a worker
+    started with ``-Q audio`` (``farm worker --queues audio``) runs its branches."""
+    job = farm.submit(pipeline="fanout", branches=2, queue="audio")
+    with pytest.warns(NoWorkerWarning, match="audio"), pytest.raises(TimeoutError):
+        job.wait(timeout=1)
+    audio = start_worker("cpu", running.env, running.log_dir, queues=["audio"])
+    running.running.append(audio)
+    try:
+        wait_ready(running.meta, [audio])
+        assert job.wait(timeout=120).status == "done"
+        branches = [s for s in job.stages() if s.name.startswith("branch-")]
+        assert {(s.queue, s.worker) for s in branches} == {("audio", audio.name)}
+    finally:
+        running.running.remove(audio)
+        audio.stop()
+        running.meta.forget_worker(audio.name)
 
 
 def _status(job, name: str) -> str:
