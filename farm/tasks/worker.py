@@ -12,6 +12,7 @@ from celery import signals
 
 from farm.db.session import dispose_engines
 from farm.errors import FarmError
+from farm.pipelines import all_pipelines
 from farm.storage import keys
 from farm.tasks import context, kombu_fixes
 from farm.tasks.reconcile import reconcile_once_across_farm
@@ -53,6 +54,13 @@ class Beat(threading.Thread):
 
 
 _beat: Beat | None = None
+
+
+@signals.worker_init.connect
+def _load_pipelines(**_: object) -> None:
+    """Every pipeline, the plugins' included, loaded before the pool forks: the children
+    inherit them, and a plugin that fails to load is reported once, as the worker starts."""
+    log.info("pipelines: %s", ", ".join(sorted(all_pipelines())))
 
 
 @signals.worker_process_init.connect
