@@ -3,8 +3,9 @@ workers, the join decided once under the job's lock, a failed branch stopping it
 cancel, resume and a killed branch worker, each re-running only what is not done.
 
 The built-in ``fanout`` pipeline (split -> N branches -> join, no model) runs its branches on
-the gpu queue here, with a second gpu worker started for these tests: each gpu worker takes
-one message at a time, so two branches sent at once run on two workers.
+a queue of their own here, ``dag``, served by two workers started for each test (gpu role:
+one thread, one message at a time), so two branches sent at once run on two workers and no
+other test's leftover work can hold one of them up.
 """
 
 from __future__ import annotations
@@ -24,18 +25,43 @@ from tests.helpers import wait_until
 
 # Ten seconds of "work" per branch, reporting every 50 ms: long enough to act on a running
 # branch, and a stopped branch is seen stopping long before its end.
-LONG = {"steps": 200, "step_seconds": 0.05, "queue": "gpu"}
+LONG = {"steps": 200, "step_seconds": 0.05, "queue": "dag"}
+
+
+class DagWorkers:
+    """Workers serving only the ``dag`` queue, stopped after the test."""
+
+    def __init__(self, pool) -> None:
+        self.pool, self.started = pool, []
+
+    def start(self, count: int = 1) -> None:
+        new = [
+            start_worker("gpu", self.pool.env, self.pool.log_dir, queues=["dag"])
+            for _ in range(count)
+        ]
+        self.started += new
+        wait_ready(self.pool.meta, new)
+
+    def named(self, name: str):
+        return next(w for w in self.started if w.name == name)
+
+    def kill(self, worker) -> None:
+        worker.kill()
+        self.pool.meta.forget_worker(worker.name)
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+            self.pool.meta.forget_worker(worker.name)
 
 
 @pytest.fixture
-def two_gpu_workers(running):
-    """The session's gpu worker and a second one, stopped after the test."""
-    extra = running.start("gpu")
-    yield running
-    if extra in running.running:
-        extra.stop()
-        running.running.remove(extra)
-        running.meta.forget_worker(extra.name)
+def two_workers(running):
+    """Two workers of the dag queue (and the session's cpu worker, for split and join)."""
+    dag = DagWorkers(running)
+    dag.start(2)
+    yield dag
+    dag.stop_all()
 
 
 def records(farm, job_id: str) -> dict:
@@ -51,8 +77,8 @@ def wait_running(job, *stages: str, timeout: float = 60) -> None:
     wait_until(all_running, timeout, f"{', '.join(stages)} of {job.id} running")
 
 
-def test_branches_run_at_once_on_two_workers_and_the_join_once(farm, two_gpu_workers) -> None:
-    job = farm.submit(pipeline="fanout", branches=2, steps=20, step_seconds=0.1, queue="gpu")
+def test_branches_run_at_once_on_two_workers_and_the_join_once(farm, two_workers) -> None:
+    job = farm.submit(pipeline="fanout", branches=2, steps=20, step_seconds=0.1, queue="dag")
     assert job.wait(timeout=120).status == "done"
     runs = records(farm, job.id)
     b0, b1 = runs["branch-0"], runs["branch-1"]
@@ -63,10 +89,10 @@ def test_branches_run_at_once_on_two_workers_and_the_join_once(farm, two_gpu_wor
     assert sorted(result["branches"]) == ["branch-0", "branch-1"]
 
 
-def test_fifty_joins_race_and_each_is_sent_and_run_once(farm, two_gpu_workers) -> None:
+def test_fifty_joins_race_and_each_is_sent_and_run_once(farm, two_workers) -> None:
     """Branches of equal length on two workers finish together, so the last two inputs of a
     join often commit at the same instant: the job's row lock lets exactly one send it."""
-    jobs = [farm.submit(pipeline="fanout", branches=2, queue="gpu", seed=i) for i in range(50)]
+    jobs = [farm.submit(pipeline="fanout", branches=2, queue="dag", seed=i) for i in range(50)]
     for job in jobs:
         assert job.wait(timeout=300).status == "done"
     for job in jobs:
@@ -76,7 +102,7 @@ def test_fifty_joins_race_and_each_is_sent_and_run_once(farm, two_gpu_workers) -
         assert len(json.loads(job.result())["branches"]) == 2
 
 
-def test_a_failed_branch_fails_the_job_and_stops_its_sibling(farm, two_gpu_workers, meta):
+def test_a_failed_branch_fails_the_job_and_stops_its_sibling(farm, two_workers, meta):
     job = farm.submit(pipeline="fanout", branches=2, **LONG)
     wait_running(job, "branch-0", "branch-1")
     faults.arm(meta, job.id, "branch-0", "step", "fail")
@@ -99,7 +125,7 @@ def test_a_failed_branch_fails_the_job_and_stops_its_sibling(farm, two_gpu_worke
     )
 
 
-def test_cancel_stops_every_running_branch(farm, two_gpu_workers) -> None:
+def test_cancel_stops_every_running_branch(farm, two_workers) -> None:
     job = farm.submit(pipeline="fanout", branches=2, **LONG)
     wait_running(job, "branch-0", "branch-1")
     assert farm.cancel(job.id) == 1
@@ -108,13 +134,11 @@ def test_cancel_stops_every_running_branch(farm, two_gpu_workers) -> None:
     assert _status(job, "join") == "cancelled" and job.info().status == "cancelled"
 
 
-def test_a_killed_branch_worker_reruns_only_its_branch(farm, two_gpu_workers) -> None:
+def test_a_killed_branch_worker_reruns_only_its_branch(farm, two_workers) -> None:
     job = farm.submit(pipeline="fanout", branches=2, **LONG)
     wait_running(job, "branch-0", "branch-1")
-    victim_name = records(farm, job.id)["branch-0"].worker
-    victim = next(w for w in two_gpu_workers.of("gpu") if w.name == victim_name)
-    two_gpu_workers.kill(victim)
-    two_gpu_workers.start("gpu")  # the farm keeps two gpu workers; the branch needs one
+    two_workers.kill(two_workers.named(records(farm, job.id)["branch-0"].worker))
+    two_workers.start()  # the other one is busy with branch-1 for seconds yet
     assert job.wait(timeout=180).status == "done"
     runs = records(farm, job.id)
     assert (runs["branch-0"].attempts, runs["branch-0"].lost_runs) == (2, 1)

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from datetime import timedelta
 
 import pytest
@@ -50,9 +51,15 @@ def record_job(ctx: Context, params: dict, image: bytes | None = None) -> str:
 @pytest.fixture
 def no_reconciler(farm):
     """Hold the farm-wide reconciler lock, so the session's workers leave this test's jobs be
-    (their reconciler would send a stage recorded queued and never sent to the broker)."""
-    with farm.ctx.meta.try_lock(keys.RECONCILE_LOCK, ttl=60) as got:
-        assert got
+    (their reconciler would send a stage recorded queued and never sent to the broker). A
+    worker may be in a pass, or have been killed in one by an earlier test, its lock then
+    held until its TTL (10 s here) runs out: wait for it."""
+    with ExitStack() as stack:
+
+        def taken() -> bool:
+            return stack.enter_context(farm.ctx.meta.try_lock(keys.RECONCILE_LOCK, ttl=60))
+
+        wait_until(taken, timeout=30, what="the reconciler lock")
         yield
 
 
