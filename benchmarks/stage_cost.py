@@ -41,8 +41,8 @@ def patched(meter: Meter, farm: Farm) -> Iterator[None]:
     with ExitStack() as undo:
         swap(undo, type(store), "get", meter.timed("artifact get", type(store).get))
         swap(undo, type(store), "put", meter.timed("artifact put", type(store).put))
-        for name in ("transaction", "session_scope"):
-            swap(undo, runner, name, meter.timed_scope("postgres txn", getattr(runner, name)))
+        # every Postgres transaction of the wrapper (a redelivered stage's read is not timed)
+        swap(undo, runner, "transaction", meter.timed_scope("postgres txn", runner.transaction))
         swap(undo, dispatch, "send_stage", meter.timed("broker send", dispatch.send_stage))
         swap(undo, redis_client, "execute_command",
               meter.timed("redis round trip", redis_client.execute_command))  # fmt: skip
