@@ -14,7 +14,7 @@ import hashlib
 import time
 
 from farm.errors import ArtifactCorrupt, InvalidParameter
-from farm.pipelines import CPU, Pipeline, StageSpec, is_name, stage
+from farm.pipelines import CPU, Pipeline, StageSpec, is_queue_name, stage
 from farm.schema import Param, Params, Schema
 
 
@@ -59,9 +59,9 @@ def expand(params, _data: bytes | None) -> list[StageSpec]:
 
 
 def _check_queue(params: Params) -> None:
-    if not is_name(params.queue):
+    if not is_queue_name(params.queue):
         raise InvalidParameter(
-            f"queue must be a queue name (a-z, 0-9, '_', '.', '-'), got {params.queue[:40]!r}"
+            f"queue must be a-z, 0-9, '_', '.', '-', at most 32 of them; got {params.queue[:40]!r}"
         )
 
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from graphlib import CycleError, TopologicalSorter
 from typing import Any, Protocol
 
 from farm.errors import ConfigError, PipelineInvalid, UnknownPipeline
@@ -35,7 +34,10 @@ GPU = "gpu"
 QUEUES = (CPU, GPU)  # the queues of the built-in pipelines; a plugin may name others
 SD_MODEL = "sd"  # the loader of the Stable Diffusion bundle (FARM_MODEL, or the tiny one)
 # Names that go into keys, queues and records: short, and nothing a path or a shell reads.
+# Queue names fit stage_runs.queue (32 characters), the others 64.
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+_QUEUE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,31}$")
+_OP = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")  # a key of Pipeline.ops: a function's name, often
 
 
 class StageHooks(Protocol):
@@ -198,14 +200,15 @@ class Pipeline:
 
 def check_dag(pipeline: str, dag: tuple[StageSpec, ...]) -> None:
     """Structure only: unique, safe names and queues; ``after`` names stages of the DAG
-    listed before it (so stored positions are a topological order); no cycle; one final
-    stage, whose artifact is the job's output."""
+    listed before it, so stored positions are a topological order and no cycle can be
+    written; one final stage, whose artifact is the job's output."""
     if not dag:
         raise PipelineInvalid(f"pipeline {pipeline} has no stages")
     seen: set[str] = set()
     for spec in dag:
-        for what, name in (("stage", spec.name), ("queue", spec.queue)):
-            if not _NAME.match(name):
+        names = (("stage", spec.name, _NAME), ("op", spec.op, _OP), ("queue", spec.queue, _QUEUE))
+        for what, name, pattern in names:
+            if not pattern.match(name):
                 raise PipelineInvalid(f"pipeline {pipeline}: {what} name {name!r} is not allowed")
         if spec.name in seen:
             raise PipelineInvalid(f"pipeline {pipeline}: two stages are named {spec.name}")
@@ -223,23 +226,21 @@ def check_dag(pipeline: str, dag: tuple[StageSpec, ...]) -> None:
             f"pipeline {pipeline} must end in one stage that joins the others; "
             f"{', '.join(finals)} are all final"
         )
-    try:
-        TopologicalSorter({s.name: s.after for s in dag}).prepare()
-    except CycleError as exc:  # unreachable given the order check; kept as the real guarantee
-        raise PipelineInvalid(f"pipeline {pipeline} has a cycle: {exc.args[1]}") from exc
 
 
-def is_name(text: str) -> bool:
-    """Whether ``text`` may name a pipeline, stage or queue."""
-    return bool(_NAME.match(text))
+def is_queue_name(text: str) -> bool:
+    """Whether ``text`` may name a queue: a-z, 0-9, '_', '.', '-', at most 32 of them."""
+    return bool(_QUEUE.match(text))
 
 
 def check_queue_names(names: Iterable[str]) -> list[str]:
     """Queue names a worker was given (``--queues audio,cpu``), checked; ConfigError if not."""
     queues = [name.strip() for name in names if name.strip()]
-    bad = [name for name in queues if not _NAME.match(name)]
+    bad = [name for name in queues if not is_queue_name(name)]
     if bad or not queues:
-        raise ConfigError(f"queue names are a-z, 0-9, '_', '.', '-'; got {bad[0] if bad else ''!r}")
+        raise ConfigError(
+            f"queue names are a-z, 0-9, '_', '.', '-', at most 32; got {bad[0] if bad else ''!r}"
+        )
     return queues
 
 

@@ -16,10 +16,10 @@ import pytest
 
 from farm.db.job_records import get_job
 from farm.db.session import session_scope
-from farm.errors import PipelineInvalid
+from farm.errors import InvalidParameter, PipelineInvalid
 from farm.job import NoWorkerWarning
 from farm.local.workers import start_worker, wait_ready
-from farm.pipelines import Pipeline, StageSpec, stage
+from farm.pipelines import Pipeline, StageSpec, get_pipeline, stage
 from farm.tasks import faults
 from tests.helpers import wait_until
 
@@ -196,11 +196,18 @@ def _pipeline(*dag: StageSpec) -> Pipeline:
         ([StageSpec("a", "cpu", "nope")], "no stage function 'nope'"),
         ([StageSpec("../a", "cpu", "_step")], "not allowed"),
         ([StageSpec("a", "CPU Q", "_step")], "not allowed"),
+        ([StageSpec("a", "q" * 33, "_step")], "queue name 'qqq"),  # stage_runs.queue holds 32
     ],
 )
 def test_a_wrong_dag_is_refused_saying_why(dag, says) -> None:
     with pytest.raises(PipelineInvalid, match=says):
         _pipeline(*dag)
+
+
+@pytest.mark.parametrize("queue", ["q" * 33, "Audio", "a b", "../cpu", ""])
+def test_fanout_refuses_a_queue_no_worker_could_be_named_after(queue) -> None:
+    with pytest.raises(InvalidParameter, match="queue must be a-z"):
+        get_pipeline("fanout").params.validate({"queue": queue})
 
 
 def test_a_stage_fed_a_kind_it_does_not_read_is_refused() -> None:
