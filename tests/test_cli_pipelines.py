@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,10 @@ def test_submit_fanout_takes_no_input_and_finishes(farm, farm_env, running, tmp_
     assert status["status"] == "done" and status["pipeline"] == "fanout"
     names = ["split", "branch-0", "branch-1", "branch-2", "join"]
     assert [(s["name"], s["status"]) for s in status["stages"]] == [(n, "done") for n in names]
+    wide = {**farm_env, "COLUMNS": "200"}  # the stage table on one line per stage
+    table = run_farm(["status", job_id[:12]], wide).stdout
+    assert re.search(r"join\W+cpu\W+branch-0, branch-1, branch-2\W+done", table), table
+    assert re.search(r"branch-1\W+cpu\W+split\W+done", table), table
     saved = run_farm(["result", job_id, "-o", str(tmp_path / "fanout.json")], farm_env)
     assert saved.returncode == 0, saved.stderr
     output = json.loads((tmp_path / "fanout.json").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 from dataclasses import asdict
@@ -47,14 +48,30 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
                 f"[yellow]{s.name}[/]: ran again {s.rebuilds} time(s) after it was done, "
                 "because a later stage found its checkpoint gone or changed"
             )
-    table = Table("stage", "queue", "status", "attempts", "lost", "worker", "duration", "artifact")
+    console.print(_stage_table(stages))
+
+
+def _stage_table(stages: list) -> Table:
+    """One row per stage; a DAG that is not a chain also shows what each stage comes after,
+    which is where its branches part and join."""
+    branched = not _is_chain(stages)
+    after = ("after",) if branched else ()
+    table = Table("stage", "queue", *after, "status", "attempts", "lost", "worker", "duration",
+                  "artifact")  # fmt: skip
     for s in stages:
         duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
         size = f"{s.artifact_size:,} B" if s.artifact_size else ""
         state = f"{s.status}, waiting on {s.waiting_on}" if s.waiting_on else s.status
-        row = (s.name, s.queue, state, str(s.attempts), str(s.lost_runs), s.worker or "")
+        dag = (", ".join(s.after),) if branched else ()
+        row = (s.name, s.queue, *dag, state, str(s.attempts), str(s.lost_runs), s.worker or "")
         table.add_row(*row, duration, size)
-    console.print(table)
+    return table
+
+
+def _is_chain(stages: list) -> bool:
+    """Each stage after the one listed before it: a linear pipeline (img2img, txt2img)."""
+    first_reads_input = not stages or not stages[0].after
+    return first_reads_input and all(s.after == (p.name,) for p, s in itertools.pairwise(stages))
 
 
 @app.command()
