@@ -26,7 +26,8 @@ install: $(STAMP)
 test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
-# The default strength (0.75) into demo-output/, 0.3 and 1.0 beside it, then one contact sheet.
+# The default strength (0.75) into demo-output/, 0.3 and 1.0 beside it, then one contact sheet;
+# then the example plugin's DAG (one branch per filter, joined into a sheet) per input.
 DEMO_PROMPT := "a watercolor painting"
 demo: install
 	$(VENV)/bin/farm render examples/inputs -o demo-output --prompt $(DEMO_PROMPT)
@@ -37,7 +38,10 @@ demo: install
 	$(PY) examples/contact_sheet.py demo-output/contact-sheet.png examples/inputs \
 		"strength 0.3=demo-output/strength-0.3" "strength 0.75=demo-output" \
 		"strength 1.0=demo-output/strength-1.0"
-	@echo "outputs: $(CURDIR)/demo-output (contact sheet: demo-output/contact-sheet.png)"
+	$(VENV)/bin/farm render examples/inputs -o demo-output/variants --pipeline variants \
+		--param filters=blur,edges,emboss,posterize --param columns=2
+	@echo "outputs: $(CURDIR)/demo-output (contact sheet: demo-output/contact-sheet.png;"
+	@echo "  a DAG of filtered variants per input, from the example plugin: demo-output/variants)"
 
 lint: install
 	$(VENV)/bin/ruff check .
