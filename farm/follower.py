@@ -283,7 +283,7 @@ class Follower:
         if missing and missing != self.missing:
             self._plain(
                 f"warning: no worker consumes {', '.join(sorted(missing))}: jobs wait until "
-                "one starts (farm up, or farm worker --role ...)"
+                "one starts (farm up, or farm worker --queues ...)"
             )
         elif self.missing and not missing:
             self._plain("every queue has a worker again")

@@ -312,7 +312,7 @@ def warn_if_no_workers(ctx: Context, **which: str) -> None:
         names = ", ".join(sorted(missing))
         warnings.warn(
             f"No worker is consuming queue(s) {names}: jobs will wait until one starts "
-            f"(farm worker --role {sorted(missing)[0]}, or farm up).",
+            f"(farm worker --queues {','.join(sorted(missing))}, or farm up).",
             NoWorkerWarning,
             stacklevel=3,
         )

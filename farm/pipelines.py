@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from farm.errors import ConfigError, PipelineInvalid, UnknownPipeline
+from farm.errors import ConfigError, FarmError, PipelineInvalid, UnknownPipeline
 from farm.schema import RenderSchema, Schema
 from farm.storage.kinds import INPUT, KINDS
 
@@ -145,7 +145,15 @@ class Pipeline:
         """The stages a job with these bound parameters and input runs, checked."""
         if self.expand is None:
             return self.stages
-        return self.check(tuple(self.expand(params, data)))
+        try:
+            dag = tuple(self.expand(params, data))
+        except FarmError:
+            raise
+        except Exception as exc:  # the plugin's own code: a bug there is not the user's input
+            raise PipelineInvalid(
+                f"pipeline {self.name}: building its stages failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        return self.check(dag)
 
     def check(self, dag: tuple[StageSpec, ...]) -> tuple[StageSpec, ...]:
         """A DAG this pipeline can run: names unique and safe, every ``after`` a stage of it,
@@ -158,6 +166,11 @@ class Pipeline:
 
     def _check_feeds(self, spec: StageSpec, by_name: Mapping[str, StageSpec]) -> None:
         op = self.op(spec.op)
+        if len(spec.after) > 1 and not op.join:
+            raise PipelineInvalid(
+                f"pipeline {self.name}: stage {spec.name} reads {len(spec.after)} stages, but "
+                f"{op.name} is not declared join=True (it would get only the first)"
+            )
         fed = [self.op(by_name[name].op).writes for name in spec.after] or [INPUT]
         if spec.after or self.needs_input:
             wrong = [kind for kind in fed if kind not in op.reads]
@@ -206,6 +219,10 @@ def check_dag(pipeline: str, dag: tuple[StageSpec, ...]) -> None:
         raise PipelineInvalid(f"pipeline {pipeline} has no stages")
     seen: set[str] = set()
     for spec in dag:
+        if not isinstance(spec, StageSpec) or not all(
+            isinstance(v, str) for v in (spec.name, spec.op, spec.queue, *spec.after)
+        ):
+            raise PipelineInvalid(f"pipeline {pipeline}: {spec!r} is not a StageSpec of names")
         names = (("stage", spec.name, _NAME), ("op", spec.op, _OP), ("queue", spec.queue, _QUEUE))
         for what, name, pattern in names:
             if not pattern.match(name):

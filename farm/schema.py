@@ -18,7 +18,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from farm.errors import InvalidParameter
+from farm.errors import FarmError, InvalidParameter, PipelineInvalid
 from farm.params import (
     _CHOICES,
     _FLOATS,
@@ -189,8 +189,18 @@ class Schema:
             p.name: p.check(fields[p.name]) if p.name in fields else p.default for p in self.params
         }
         if self.check is not None:
-            self.check(Params(canonical))
+            self._run_check(Params(canonical))
         return canonical
+
+    def _run_check(self, params: Params) -> None:
+        try:
+            self.check(params)
+        except FarmError:
+            raise
+        except Exception as exc:  # the pipeline's own code: its bug is not the user's input
+            raise PipelineInvalid(
+                f"the parameter check failed: {type(exc).__name__}: {exc}"
+            ) from exc
 
     def parse_cli(self, pairs: Sequence[str]) -> dict[str, object]:
         """``["passes=3"]`` -> ``{"passes": 3}``: only the pairs given, each typed and checked."""

@@ -210,6 +210,26 @@ def test_fanout_refuses_a_queue_no_worker_could_be_named_after(queue) -> None:
         get_pipeline("fanout").params.validate({"queue": queue})
 
 
+def test_a_stage_reading_several_must_be_a_join() -> None:
+    dag = [StageSpec("a", "cpu", "_step"), StageSpec("b", "cpu", "_step", ("a",))]
+    dag.append(StageSpec("c", "cpu", "_step", ("a", "b")))
+    with pytest.raises(PipelineInvalid, match="not declared join=True"):
+        _pipeline(*dag)
+
+
+def test_an_expand_that_crashes_is_a_pipeline_error_not_a_traceback() -> None:
+    def expand(params, data):
+        return [StageSpec("a", "cpu", "_step")] if data else {}["missing"]
+
+    pipeline = Pipeline("t", (StageSpec("a", "cpu", "_step"),), {"_step": _step}, expand=expand)
+    with pytest.raises(PipelineInvalid, match="building its stages failed: KeyError"):
+        pipeline.dag(None, None)
+    wrong = Pipeline("t", (StageSpec("a", "cpu", "_step"),), {"_step": _step},
+                     expand=lambda p, d: [StageSpec("a", 7, "_step")])  # fmt: skip
+    with pytest.raises(PipelineInvalid, match="not a StageSpec of names"):
+        wrong.dag(None, b"x")
+
+
 def test_a_stage_fed_a_kind_it_does_not_read_is_refused() -> None:
     png = stage(writes="png", reads=("input",))(lambda *a: b"")
     reads_tensors = stage(writes="png")(lambda *a: b"")

@@ -114,7 +114,31 @@ def new_job(url: str, pipeline: str) -> str:
 def test_a_stage_cannot_be_recorded_twice(stack: StackInfo) -> None:
     job_id = new_job(stack.database_url, "img2img")
     with pytest.raises(sa.exc.IntegrityError), session_scope(stack.database_url) as s:
-        s.add(StageRun(job_id=job_id, stage="encode", position=9, queue="gpu"))
+        s.add(
+            StageRun(
+                job_id=job_id, stage="encode", position=9, queue="gpu", op="encode", after_stages=[]
+            )
+        )
+
+
+def test_a_queued_stage_whose_input_is_not_done_waits_as_pending(stack: StackInfo) -> None:
+    """Another reader found the producer's checkpoint lost and reopened it: a reader whose
+    message was out already must not run on the old checkpoint, but wait for the new one."""
+    job_id = new_job(stack.database_url, "img2img")
+    with session_scope(stack.database_url) as s:
+        s.execute(
+            sa.update(StageRun)
+            .where(StageRun.job_id == job_id, StageRun.stage == "encode")
+            .values(status="queued")
+        )
+    with session_scope(stack.database_url) as s:
+        begin = stage_records.begin_stage(s, job_id, "encode", "w1", max_lost=3)
+    assert begin.action == stage_records.BeginAction.SKIP
+    with session_scope(stack.database_url) as s:
+        run = s.scalars(
+            sa.select(StageRun).where(StageRun.job_id == job_id, StageRun.stage == "encode")
+        ).one()
+        assert (run.status, run.attempts) == ("pending", 0)
 
 
 def test_job_has_one_record_per_stage_from_the_start(stack: StackInfo) -> None:

@@ -18,13 +18,14 @@ from farm.db import job_records, stage_records
 from farm.db.models import Job as JobRow
 from farm.db.models import StageRun as RunRow
 from farm.db.session import session_scope, transaction
+from farm.errors import NotResumable, is_input_error
 from farm.pipelines import get_pipeline
 from farm.storage import keys
 from farm.tasks import faults
 from farm.tasks.context import Context
 from farm.tasks.dispatch import InlineSender
 from farm.tasks.inline import run_job_inline
-from farm.tasks.reconcile import requeue_dead
+from farm.tasks.reconcile import close_stopped, requeue_dead
 from farm.tasks.runner import LeaseKeeper, StageRun
 from tests.helpers import sample_png, wait_until
 
@@ -150,6 +151,40 @@ def test_the_reconciler_sends_a_dead_workers_stage_again(farm, tiny_model, no_re
     first = farm.get(job_id).stages()[0]
     assert (first.status, first.attempts, first.lost_runs) == ("done", 2, 1)
     assert farm.get(job_id).status() == "done"
+
+
+def test_a_dead_workers_stage_of_a_stopped_job_is_closed_so_it_can_resume(
+    farm, tiny_model, no_reconciler
+) -> None:
+    """A branch's worker died while another branch failed the job: nothing would ever record
+    that stage, and while it shows running the job could not be resumed."""
+    job_id = record_job(farm.ctx, PARAMS)
+    with transaction(farm.ctx.db_url) as conn:
+        stage_records.begin_stage(conn, job_id, "preprocess", "dead@host", max_lost=3)
+        long_ago = func.now() - timedelta(hours=1)
+        conn.execute(update(RunRow).where(RunRow.job_id == job_id).values(heartbeat_at=long_ago))
+        stage_records.fail_stage(conn, job_id, "encode", None, "STAGE_FAILED", "a branch failed")
+    with pytest.raises(NotResumable, match="still stopping"):
+        farm.resume(job_id)
+    assert (job_id, "preprocess") in close_stopped(farm.ctx)
+    first = farm.get(job_id).stages()[0]
+    assert (first.name, first.status) == ("preprocess", "cancelled")
+    assert farm.get(job_id).info().error_code == "STAGE_FAILED"  # the failure stays the job's
+    assert farm.resume(job_id).wait(timeout=120).status == "done"
+
+
+def test_a_job_whose_pipeline_this_worker_lacks_fails_saying_so_not_as_bad_input(
+    farm, no_reconciler
+) -> None:
+    job_id = job_records.new_id()
+    new = job_records.NewJob(pipeline="uninstalled", params={}, job_id=job_id)
+    with transaction(farm.ctx.db_url) as conn:  # as a client with the plugin recorded it
+        job_records.insert_jobs(conn, get_pipeline("fanout"), [new], failures={})
+    run_job_inline(farm.ctx, job_id)
+    info = farm.get(job_id).info()
+    assert (info.status, info.error_code) == ("failed", "PIPELINE_INVALID")
+    assert "has no pipeline 'uninstalled'" in info.error_message
+    assert not is_input_error(info.error_code)  # resume_failed retries it once installed
 
 
 def test_debug_run_reproduces_a_failure_in_the_foreground(farm, farm_env, running, meta) -> None:

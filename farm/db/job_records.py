@@ -222,6 +222,9 @@ def reopen(conn: Conn, meta: Metadata, job_id: str) -> tuple[int, list[StageSpec
         .where(runs.c.job_id == job_id, runs.c.status != StageStatus.DONE)
         .values(status=StageStatus.PENDING, lost_runs=0)
     )
+    # A store that kept losing a checkpoint failed the job; once the user fixed it, its
+    # rebuilds start from zero again, or the first loss would give up at once.
+    conn.execute(update(runs).where(runs.c.job_id == job_id).values(rebuilds=0))
     update_job(
         conn,
         job_id,

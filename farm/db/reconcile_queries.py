@@ -27,17 +27,41 @@ class StageRef:
         return self.spec.name
 
 
-def stale_stages(session: Session, ttl_s: float) -> list[tuple[str, str, int]]:
-    """Running stages of running jobs that have not beaten for ``ttl_s`` (database clock):
-    (job_id, stage, attempt) of each."""
+STOPPED = (JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def stale_stages(
+    session: Session, ttl_s: float, job_statuses: tuple[str, ...] = (JobStatus.RUNNING,)
+) -> list[tuple[str, str, int]]:
+    """Running stages of jobs in ``job_statuses`` that have not beaten for ``ttl_s``
+    (database clock): (job_id, stage, attempt) of each."""
     cutoff = func.now() - timedelta(seconds=ttl_s)
     query = (
         select(StageRun.job_id, StageRun.stage, StageRun.attempts)
         .join(Job, Job.id == StageRun.job_id)
         .where(StageRun.status == StageStatus.RUNNING, StageRun.heartbeat_at < cutoff)
-        .where(Job.status == JobStatus.RUNNING)
+        .where(Job.status.in_(job_statuses))
     )
     return [tuple(row) for row in session.execute(query)]
+
+
+def close_stages(
+    session: Session, ttl_s: float, stale: list[tuple[str, str, int]]
+) -> list[tuple[str, str]]:
+    """Cancelled: those of these stages of stopped jobs still the same attempt and still not
+    beating (a delivery that comes back finds its stage taken and drops its work)."""
+    cutoff = func.now() - timedelta(seconds=ttl_s)
+    closed = []
+    for job_id, stage, attempt in stale:
+        closed += session.execute(
+            update(StageRun)
+            .where(StageRun.job_id == job_id, StageRun.stage == stage)
+            .where(StageRun.attempts == attempt, StageRun.status == StageStatus.RUNNING)
+            .where(StageRun.heartbeat_at < cutoff)
+            .values(status=StageStatus.CANCELLED, finished_at=func.now())
+            .returning(StageRun.job_id, StageRun.stage)
+        ).all()
+    return [tuple(row) for row in closed]
 
 
 def expire_stages(

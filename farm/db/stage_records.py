@@ -97,6 +97,12 @@ def begin_stage(
         raise JobNotFound(f"Job {job_id!r} has no stage {stage!r}.")
     if row.run_status == StageStatus.DONE or job.status in TERMINAL:
         return Begin(BeginAction.SKIP, job=job)
+    spec = StageSpec(stage, row.queue, row.op, tuple(row.after_stages))
+    if row.run_status == StageStatus.QUEUED and not _inputs_done(conn, job_id, spec.after):
+        # A stage it reads is being rebuilt (another reader found its checkpoint lost): wait
+        # as pending; that stage's commit makes this one ready again, under this same lock.
+        conn.execute(update(runs).where(stage_is(job_id, stage)).values(status=StageStatus.PENDING))
+        return Begin(BeginAction.SKIP, job=job)
     lost = row.lost_runs
     if row.run_status == StageStatus.RUNNING and not retry:
         lost += 1  # the previous delivery started and never finished: its worker died
@@ -120,9 +126,15 @@ def begin_stage(
     )
     started = func.coalesce(jobs.c.started_at, func.now())
     update_job(conn, job_id, status=JobStatus.RUNNING, current_stage=stage, started_at=started)
-    spec = StageSpec(stage, row.queue, row.op, tuple(row.after_stages))
     inputs = input_records(conn, job_id, spec.after)
     return Begin(BeginAction.RUN, attempt=attempt, job=job, spec=spec, inputs=inputs)
+
+
+def _inputs_done(conn: Conn, job_id: str, stages: tuple[str, ...]) -> bool:
+    if not stages:
+        return True
+    query = select(runs.c.status).where(stage_in(job_id, stages))
+    return all(status == StageStatus.DONE for status in conn.execute(query).scalars())
 
 
 def input_records(conn: Conn, job_id: str, stages: tuple[str, ...]) -> tuple[InputRecord, ...]:

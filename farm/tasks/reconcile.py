@@ -32,7 +32,25 @@ log = logging.getLogger(__name__)
 def reconcile(ctx: Context, sender: Sender | None = None) -> list[tuple[str, str]]:
     """One pass; returns the (job_id, stage) pairs it re-enqueued."""
     sender = sender or BrokerSender()
+    close_stopped(ctx)
     return requeue_dead(ctx, sender) + resend_lost(ctx, sender)
+
+
+def close_stopped(ctx: Context) -> list[tuple[str, str]]:
+    """Running stages of jobs already failed or cancelled whose worker died (a branch's worker
+    lost while another branch failed the job): no delivery will ever record them, and while
+    one shows running its job cannot be resumed. They end cancelled."""
+    ttl = ctx.settings.lease_ttl
+    with session_scope(ctx.db_url) as s:
+        stale = queries.stale_stages(s, ttl, queries.STOPPED)
+    if not stale:
+        return []
+    alive = _leases_held(ctx, [(job_id, stage) for job_id, stage, _ in stale])
+    with session_scope(ctx.db_url) as s:
+        closed = queries.close_stages(s, ttl, [r for r in stale if (r[0], r[1]) not in alive])
+    for job_id, stage in closed:
+        log.warning("%s/%s: its worker died after the job stopped; marked cancelled", job_id, stage)
+    return closed
 
 
 def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:

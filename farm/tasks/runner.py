@@ -23,11 +23,14 @@ from farm.errors import (
     JobCancelled,
     LeaseLost,
     MetadataError,
+    PipelineInvalid,
     RedisAuthError,
     StageCrashed,
     StageFailed,
+    UnknownPipeline,
 )
 from farm.pipelines import Pipeline, Stage, StageSpec, get_pipeline
+from farm.plugins import plugin_errors
 from farm.storage import keys
 from farm.storage.kinds import KINDS, kind_of
 from farm.storage.verified import Recorded, read_recorded, sha256_hex
@@ -164,7 +167,7 @@ class StageRun:
             return "failed"
 
     def _run_and_commit(self) -> str:
-        pipeline = get_pipeline(self.job.pipeline)
+        pipeline = self._pipeline()
         # The stored parameters are checked again here, so that a record written by another
         # version fails this stage with INVALID_PARAM instead of crashing the delivery.
         params = pipeline.params.bind(pipeline.params.validate(self.job.params))
@@ -176,6 +179,20 @@ class StageRun:
         started = time.perf_counter()
         output = self._run_op(pipeline, op, params)
         return self._commit(op, output, time.perf_counter() - started)
+
+    def _pipeline(self) -> Pipeline:
+        """The job's pipeline, or PIPELINE_INVALID (not the input's fault, so `farm resume`
+        may retry it) when this worker lacks it: its plugin is not installed here, or failed
+        to load."""
+        try:
+            return get_pipeline(self.job.pipeline)
+        except UnknownPipeline as exc:
+            left_out = plugin_errors()
+            why = f" (plugins left out here: {left_out})" if left_out else ""
+            raise PipelineInvalid(
+                f"worker {self.worker} has no pipeline {self.job.pipeline!r}{why}; install its "
+                f"plugin on every worker serving {self.spec.queue}, then `farm resume`"
+            ) from exc
 
     # 1. take the stage in Postgres (attempt + 1), start heartbeating
     def _begin(self) -> BeginAction:
