@@ -48,27 +48,30 @@ def stale_stages(
 def close_stages(
     session: Session, ttl_s: float, stale: list[tuple[str, str, int]]
 ) -> list[tuple[str, str]]:
-    """Cancelled: those of these stages of stopped jobs still the same attempt and still not
-    beating (a delivery that comes back finds its stage taken and drops its work)."""
-    cutoff = func.now() - timedelta(seconds=ttl_s)
-    closed = []
-    for job_id, stage, attempt in stale:
-        closed += session.execute(
-            update(StageRun)
-            .where(StageRun.job_id == job_id, StageRun.stage == stage)
-            .where(StageRun.attempts == attempt, StageRun.status == StageStatus.RUNNING)
-            .where(StageRun.heartbeat_at < cutoff)
-            .values(status=StageStatus.CANCELLED, finished_at=func.now())
-            .returning(StageRun.job_id, StageRun.stage)
-        ).all()
-    return [tuple(row) for row in closed]
+    """Cancelled: those of these stages of stopped jobs that are still stale (a delivery that
+    comes back finds its stage taken and drops its work)."""
+    values = {"status": StageStatus.CANCELLED, "finished_at": func.now()}
+    rows = _update_still_stale(session, ttl_s, stale, values, (StageRun.job_id, StageRun.stage))
+    return [tuple(row) for row in rows]
 
 
 def expire_stages(
     session: Session, ttl_s: float, stale: list[tuple[str, str, int]]
 ) -> list[StageRef]:
-    """Back to queued, counted as lost: those of these stages that are still the same attempt
-    and still not beating (fenced by both, so a delivery that beat meanwhile keeps its stage)."""
+    """Back to queued, counted as lost: those of these stages that are still stale."""
+    values = {
+        "status": StageStatus.QUEUED,
+        "lost_runs": StageRun.lost_runs + 1,
+        "queued_at": func.now(),
+    }
+    return _refs(session, _update_still_stale(session, ttl_s, stale, values, _SPEC_COLUMNS))
+
+
+def _update_still_stale(
+    session: Session, ttl_s: float, stale: list[tuple[str, str, int]], values: dict, returning
+) -> list:
+    """Update each stage that is still the same attempt, running and not beating: fenced by
+    all three, so a delivery that beat meanwhile keeps its stage."""
     cutoff = func.now() - timedelta(seconds=ttl_s)
     rows = []
     for job_id, stage, attempt in stale:
@@ -77,12 +80,10 @@ def expire_stages(
             .where(StageRun.job_id == job_id, StageRun.stage == stage)
             .where(StageRun.attempts == attempt, StageRun.status == StageStatus.RUNNING)
             .where(StageRun.heartbeat_at < cutoff)
-            .values(
-                status=StageStatus.QUEUED, lost_runs=StageRun.lost_runs + 1, queued_at=func.now()
-            )
-            .returning(*_SPEC_COLUMNS)
+            .values(**values)
+            .returning(*returning)
         ).all()
-    return _refs(session, rows)
+    return rows
 
 
 def stale_queued_stages(session: Session, grace_s: float) -> list[StageRef]:
