@@ -207,9 +207,6 @@ class Pipeline:
         """The file suffix of its output (``.png``): the kind its final stage writes."""
         return "." + KINDS[self.op(self.stages[-1].op).writes].suffix
 
-    def ready(self, done: Iterable[str]) -> list[StageSpec]:
-        return ready(self.stages, done)
-
 
 def check_dag(pipeline: str, dag: tuple[StageSpec, ...]) -> None:
     """Structure only: unique, safe names and queues; ``after`` names stages of the DAG

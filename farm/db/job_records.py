@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session, joinedload
 
 from farm.db.models import TERMINAL, Batch, BatchJob, Job, JobStatus, StageStatus
 from farm.db.rows import (
+    SPEC_COLUMNS,
     Conn,
     job_dag,
     jobs,
@@ -254,9 +255,9 @@ def reopen_output(
     )
     if status != JobStatus.DONE:
         raise NotResumable(f"job {job_id} is {status}; its output is being rendered again.")
-    query = select(runs.c.stage).where(runs.c.job_id == job_id, runs.c.artifact_key == output_key)
-    stage = conn.execute(query).scalar_one()
-    spec = job_dag(conn, job_id)[stage].spec
+    query = select(*SPEC_COLUMNS).where(runs.c.job_id == job_id, runs.c.artifact_key == output_key)
+    spec = spec_of(conn.execute(query).one())
+    stage = spec.name
     queue_rebuild(conn, job_id, stage, error)
     update_job(
         conn,

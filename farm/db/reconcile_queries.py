@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from farm.db.models import Job, JobStatus, StageRun, StageStatus
-from farm.db.rows import Conn, lock_job
+from farm.db.rows import SPEC_COLUMNS, Conn, lock_job, spec_of
 from farm.pipelines import StageSpec
 
 
@@ -64,7 +64,7 @@ def expire_stages(
         "lost_runs": StageRun.lost_runs + 1,
         "queued_at": func.now(),
     }
-    return _refs(session, _update_still_stale(session, ttl_s, stale, values, _SPEC_COLUMNS))
+    return _refs(session, _update_still_stale(session, ttl_s, stale, values, _REF_COLUMNS))
 
 
 def _update_still_stale(
@@ -91,7 +91,7 @@ def stale_queued_stages(session: Session, grace_s: float) -> list[StageRef]:
     either still waiting in the broker or was lost with it (the reconciler checks which)."""
     cutoff = func.now() - timedelta(seconds=grace_s)
     rows = session.execute(
-        select(*_SPEC_COLUMNS)
+        select(*_REF_COLUMNS)
         .join(Job, Job.id == StageRun.job_id)
         .where(StageRun.status == StageStatus.QUEUED, StageRun.queued_at < cutoff)
         .where(Job.status.in_([JobStatus.QUEUED, JobStatus.RUNNING]))
@@ -112,13 +112,7 @@ def touch_queued(conn: Conn, refs: list[StageRef]) -> None:
         )
 
 
-_SPEC_COLUMNS = (
-    StageRun.job_id,
-    StageRun.stage,
-    StageRun.queue,
-    StageRun.op,
-    StageRun.after_stages,
-)
+_REF_COLUMNS = (StageRun.job_id, *SPEC_COLUMNS)  # what a StageRef is built from
 
 
 def _refs(session: Session, rows) -> list[StageRef]:
@@ -127,11 +121,4 @@ def _refs(session: Session, rows) -> list[StageRef]:
         return []
     query = select(Job.id, Job.priority).where(Job.id.in_(job_ids))
     priority = dict(session.execute(query).all())
-    return [
-        StageRef(
-            row.job_id,
-            StageSpec(row.stage, row.queue, row.op, tuple(row.after_stages)),
-            priority[row.job_id],
-        )
-        for row in rows
-    ]
+    return [StageRef(row.job_id, spec_of(row), priority[row.job_id]) for row in rows]

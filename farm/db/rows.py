@@ -49,24 +49,22 @@ class StageState:
     status: str
 
 
-_DAG_COLUMNS = (runs.c.stage, runs.c.queue, runs.c.op, runs.c.after_stages, runs.c.status)
+# What a stage record holds of its job's DAG (``spec_of`` reads a row that has them).
+SPEC_COLUMNS = (runs.c.stage, runs.c.queue, runs.c.op, runs.c.after_stages)
 
 
 def job_dag(conn: Conn, job_id: str) -> dict[str, StageState]:
     """The DAG the job stored at submit, in its stages' order, with each stage's status (read
     under the job's lock when deciding what runs next)."""
-    query = select(*_DAG_COLUMNS).where(runs.c.job_id == job_id).order_by(runs.c.position)
-    return {row.stage: _state(row) for row in conn.execute(query)}
+    query = select(*SPEC_COLUMNS, runs.c.status)
+    query = query.where(runs.c.job_id == job_id).order_by(runs.c.position)
+    return {row.stage: StageState(spec_of(row), row.status) for row in conn.execute(query)}
 
 
-def _state(row) -> StageState:
-    spec = StageSpec(row.stage, row.queue, row.op, tuple(row.after_stages))
-    return StageState(spec, row.status)
-
-
-def spec_of(run: StageRun) -> StageSpec:
-    """A stage record (ORM) as the StageSpec its job stored."""
-    return StageSpec(run.stage, run.queue, run.op, tuple(run.after_stages))
+def spec_of(row: StageRun) -> StageSpec:
+    """A stage record (an ORM object, or a Core row with ``SPEC_COLUMNS``) as the StageSpec
+    its job stored."""
+    return StageSpec(row.stage, row.queue, row.op, tuple(row.after_stages))
 
 
 def mark_queued(conn: Conn, job_id: str, stages: list[str]) -> None:

@@ -16,6 +16,7 @@ from sqlalchemy import func, select, update
 from farm.db.job_records import mark_cancelled
 from farm.db.models import TERMINAL, JobStatus, StageStatus
 from farm.db.rows import (
+    SPEC_COLUMNS,
     Conn,
     fenced,
     job_dag,
@@ -24,6 +25,7 @@ from farm.db.rows import (
     mark_queued,
     queue_rebuild,
     runs,
+    spec_of,
     stage_in,
     stage_is,
     update_job,
@@ -88,17 +90,14 @@ def begin_stage(
     ``retry``: this delivery is Celery's retry after a transient fault, not a redelivery."""
     job = JobRow(*lock_job(conn, job_id, *_JOB_COLUMNS))
     columns = (runs.c.status.label("run_status"), runs.c.attempts, runs.c.lost_runs)
-    row = conn.execute(
-        select(*columns, runs.c.queue, runs.c.op, runs.c.after_stages).where(
-            stage_is(job_id, stage)
-        )
-    ).one_or_none()
+    row = conn.execute(select(*columns, *SPEC_COLUMNS).where(stage_is(job_id, stage))).one_or_none()
     if row is None:
         raise JobNotFound(f"Job {job_id!r} has no stage {stage!r}.")
     if row.run_status == StageStatus.DONE or job.status in TERMINAL:
         return Begin(BeginAction.SKIP, job=job)
-    spec = StageSpec(stage, row.queue, row.op, tuple(row.after_stages))
-    if row.run_status == StageStatus.QUEUED and not _inputs_done(conn, job_id, spec.after):
+    spec = spec_of(row)
+    inputs, inputs_done = input_records(conn, job_id, spec.after)
+    if row.run_status == StageStatus.QUEUED and not inputs_done:
         # A stage it reads is being rebuilt (another reader found its checkpoint lost): wait
         # as pending; that stage's commit makes this one ready again, under this same lock.
         conn.execute(update(runs).where(stage_is(job_id, stage)).values(status=StageStatus.PENDING))
@@ -126,30 +125,26 @@ def begin_stage(
     )
     started = func.coalesce(jobs.c.started_at, func.now())
     update_job(conn, job_id, status=JobStatus.RUNNING, current_stage=stage, started_at=started)
-    inputs = input_records(conn, job_id, spec.after)
     return Begin(BeginAction.RUN, attempt=attempt, job=job, spec=spec, inputs=inputs)
 
 
-def _inputs_done(conn: Conn, job_id: str, stages: tuple[str, ...]) -> bool:
+def input_records(
+    conn: Conn, job_id: str, stages: tuple[str, ...]
+) -> tuple[tuple[InputRecord, ...], bool]:
+    """The recorded checkpoints of ``stages``, in that order, and whether all are done."""
     if not stages:
-        return True
-    query = select(runs.c.status).where(stage_in(job_id, stages))
-    return all(status == StageStatus.DONE for status in conn.execute(query).scalars())
-
-
-def input_records(conn: Conn, job_id: str, stages: tuple[str, ...]) -> tuple[InputRecord, ...]:
-    """The recorded checkpoints of ``stages``, in that order."""
-    if not stages:
-        return ()
+        return (), True
     query = select(
         runs.c.stage,
         runs.c.artifact_key,
         runs.c.artifact_size,
         runs.c.checksum,
         runs.c.content_type,
+        runs.c.status,
     )
     rows = {row.stage: row for row in conn.execute(query.where(stage_in(job_id, stages)))}
-    return tuple(InputRecord(*rows[name]) for name in stages)
+    records = tuple(InputRecord(*rows[name][:-1]) for name in stages)
+    return records, all(row.status == StageStatus.DONE for row in rows.values())
 
 
 def heartbeat(conn: Conn, job_id: str, stage: str, attempt: int) -> bool:
@@ -309,10 +304,10 @@ def reopen_producer(
     keeps its attempts; ``rebuilds`` counts the reopenings (at most ``MAX_REBUILDS``).
     Returns what happened and the producer, as its job's DAG stores it."""
     lock_job(conn, job_id)
-    (rebuilds, status) = conn.execute(
-        select(runs.c.rebuilds, runs.c.status).where(stage_is(job_id, producer))
+    row = conn.execute(
+        select(runs.c.rebuilds, runs.c.status, *SPEC_COLUMNS).where(stage_is(job_id, producer))
     ).one()
-    spec = job_dag(conn, job_id)[producer].spec
+    rebuilds, status, spec = row.rebuilds, row.status, spec_of(row)
     if status == StageStatus.DONE and rebuilds >= MAX_REBUILDS:
         return Rebuild.GIVE_UP, spec
     waiting = conn.execute(

@@ -170,7 +170,7 @@ class StageRun:
         pipeline = self._pipeline()
         # The stored parameters are checked again here, so that a record written by another
         # version fails this stage with INVALID_PARAM instead of crashing the delivery.
-        params = pipeline.params.bind(pipeline.params.validate(self.job.params))
+        params = pipeline.params.bind(self.job.params)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "start")
         if self._cancelled:
             raise JobCancelled("cancelled by request")
