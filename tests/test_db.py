@@ -81,6 +81,32 @@ def test_migration_0006_stores_the_dags_of_jobs_recorded_before_it(fresh_db: str
     assert {runs["b", f"noop{i}"].op for i in range(1, 7)} == {"noop"}
 
 
+def test_migration_0007_adds_the_model_call_stats_and_drops_them_again(fresh_db: str) -> None:
+    """Stages recorded before it made no batched model calls: theirs are null."""
+    command.upgrade(alembic_config(fresh_db), "0006")
+    with get_engine(fresh_db).begin() as conn:
+        conn.execute(
+            sa.text("INSERT INTO jobs (id, pipeline, params, status, priority) "
+                    "VALUES (:id, 'noop', '{}', 'done', 5)"),
+            {"id": "c" * 32},
+        )  # fmt: skip
+        conn.execute(
+            sa.text("INSERT INTO stage_runs (job_id, stage, position, queue, op, after_stages, "
+                    "status, attempts, lost_runs, rebuilds) VALUES (:j, 'noop1', 0, 'cpu', "
+                    "'noop', '[]', 'done', 1, 0, 0)"),
+            {"j": "c" * 32},
+        )  # fmt: skip
+    command.upgrade(alembic_config(fresh_db), "0007")
+    with session_scope(fresh_db) as s:
+        run = s.scalars(sa.select(StageRun)).one()
+        assert (run.model_calls, run.jobs_per_call) == (None, None)
+    command.downgrade(alembic_config(fresh_db), "0006")
+    get_engine(fresh_db).dispose()
+    columns = {c["name"] for c in sa.inspect(get_engine(fresh_db)).get_columns("stage_runs")}
+    assert "stage_runs" in table_names(fresh_db) and "op" in columns
+    assert not {"model_calls", "jobs_per_call"} & columns
+
+
 def test_constraint_names_follow_the_convention(stack: StackInfo) -> None:
     inspector = sa.inspect(get_engine(stack.database_url))
     uniques = {c["name"] for c in inspector.get_unique_constraints("stage_runs")}

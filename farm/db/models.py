@@ -169,6 +169,10 @@ class StageRun(Base):
     artifact_size: Mapped[int | None] = mapped_column(Integer)
     checksum: Mapped[str | None] = mapped_column(String(64))
     content_type: Mapped[str | None] = mapped_column(String(128))  # farm.storage.kinds
+    # How the last successful attempt shared the GPU: the batched model calls it took part in
+    # and the mean number of jobs per call. None: it made none (a cpu stage, no engine).
+    model_calls: Mapped[int | None] = mapped_column(Integer)
+    jobs_per_call: Mapped[float | None] = mapped_column(Float)
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
 
