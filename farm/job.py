@@ -62,6 +62,10 @@ class StageInfo:
     after: tuple[str, ...] = ()  # the stages it reads, as its job's DAG stores them
     started_at: datetime | None = None  # of its last attempt
     finished_at: datetime | None = None
+    # Batched model calls its last successful attempt took part in, and the mean number of
+    # jobs per call; None when it made none (a cpu stage, a worker without the GPU engine).
+    model_calls: int | None = None
+    jobs_per_call: float | None = None
 
 
 @dataclass(frozen=True)
@@ -383,4 +387,6 @@ def _stage_info(run: StageRun) -> StageInfo:
         after=tuple(run.after_stages),
         started_at=run.started_at,
         finished_at=run.finished_at,
+        model_calls=run.model_calls,
+        jobs_per_call=run.jobs_per_call,
     )

@@ -15,7 +15,7 @@ from farm.db import job_records, stage_records
 from farm.db.migrate import alembic_config, downgrade_base, upgrade_head
 from farm.db.models import Base, StageRun
 from farm.db.session import get_engine, session_scope
-from farm.errors import NotResumable
+from farm.errors import ArtifactMissing, NotResumable
 from farm.local import StackInfo
 from farm.pipelines import get_pipeline
 
@@ -230,3 +230,31 @@ def test_a_cancelled_job_whose_stage_still_runs_is_not_resumed_yet(stack: StackI
         job_records.mark_cancelled(s, job_id)
     with pytest.raises(NotResumable, match="still stopping"), session_scope(url) as s:
         job_records.reopen(s, meta, job_id)
+
+
+def test_a_stage_records_its_model_calls_until_it_runs_again(stack: StackInfo, farm) -> None:
+    url = stack.database_url
+    job_id = new_job(url, "txt2img")
+
+    def model_calls() -> dict[str, tuple]:
+        return {s.name: (s.model_calls, s.jobs_per_call) for s in farm.get(job_id).stages()}
+
+    shared = stage_records.Checkpoint("k", 1, "0" * 64, 0.1, model_calls=12, jobs_per_call=3.4)
+    with session_scope(url) as s:
+        noise = stage_records.begin_stage(s, job_id, "noise", "w", max_lost=3)
+        stage_records.complete_stage(s, job_id, "noise", noise.attempt, shared)
+    assert model_calls()["noise"] == (12, 3.4) and model_calls()["denoise"] == (None, None)
+
+    # denoise finds noise's checkpoint lost: while noise runs again, its record no longer
+    # tells of the calls its lost run made; its next commit tells of its own
+    lost = ArtifactMissing("noise's checkpoint is gone.")
+    with session_scope(url) as s:
+        denoise = stage_records.begin_stage(s, job_id, "denoise", "w", max_lost=3)
+        stage_records.reopen_producer(s, job_id, "denoise", denoise.attempt, "noise", lost)
+    with session_scope(url) as s:
+        again = stage_records.begin_stage(s, job_id, "noise", "w", max_lost=3)
+    assert model_calls()["noise"] == (None, None)
+    rebuilt = stage_records.Checkpoint("k", 1, "0" * 64, 0.1, model_calls=5, jobs_per_call=2.0)
+    with session_scope(url) as s:
+        stage_records.complete_stage(s, job_id, "noise", again.attempt, rebuilt)
+    assert model_calls()["noise"] == (5, 2.0)

@@ -121,6 +121,8 @@ def begin_stage(
             heartbeat_at=func.now(),
             finished_at=None,
             duration_s=None,
+            model_calls=None,
+            jobs_per_call=None,
         )
     )
     started = func.coalesce(jobs.c.started_at, func.now())
@@ -164,6 +166,10 @@ class Checkpoint:
     checksum: str
     duration_s: float
     content_type: str = KINDS["tensors"].content_type
+    # The batched model calls it took part in and the mean number of jobs per call (a GPU
+    # engine's); None: it made none.
+    model_calls: int | None = None
+    jobs_per_call: float | None = None
 
 
 class Outcome(StrEnum):
@@ -199,6 +205,8 @@ def complete_stage(
             artifact_size=checkpoint.size,
             checksum=checkpoint.checksum,
             content_type=checkpoint.content_type,
+            model_calls=checkpoint.model_calls,
+            jobs_per_call=checkpoint.jobs_per_call,
             error_code=None,
             error_message=None,
         )
