@@ -11,10 +11,16 @@ import sys
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from PIL import Image
 
 from farm.cli.render import RENDER_OPTIONS
+from farm.db import job_records
+from farm.db.models import StageRun
+from farm.db.session import session_scope
+from farm.errors import FarmError
 from farm.follower import output_names
+from farm.pipelines import get_pipeline
 from farm.tasks import faults
 from tests.helpers import sample_png, wait_until
 
@@ -230,6 +236,38 @@ def test_submit_status_jobs_cancel_and_resume(farm_env, running, tmp_path: Path)
     run_farm(["cancel", job_id], farm_env)
     unknown = run_farm(["status", "f" * 32], farm_env)
     assert unknown.returncode == 2 and "JOB_NOT_FOUND" in unknown.stderr
+
+
+def recorded_job(url: str, stats: dict[str, tuple[int, float]]) -> str:
+    """A txt2img job recorded failed at submit (nothing is ever sent), its stages then written
+    done by hand, ``stats`` giving some of them batched model calls: no GPU engine needed."""
+    new = job_records.NewJob(pipeline="txt2img", params={}, job_id=job_records.new_id())
+    failed = {new.job_id: FarmError("recorded by hand")}
+    with session_scope(url) as s:
+        job_records.insert_jobs(s, get_pipeline("txt2img"), [new], failures=failed)
+        s.execute(sa.update(StageRun).where(StageRun.job_id == new.job_id).values(status="done"))
+        for stage, (calls, per_call) in stats.items():
+            s.execute(
+                sa.update(StageRun)
+                .where(StageRun.job_id == new.job_id, StageRun.stage == stage)
+                .values(model_calls=calls, jobs_per_call=per_call)
+            )
+    return new.job_id
+
+
+def test_status_shows_the_gpu_calls_a_job_shared_only_when_it_made_any(stack, farm_env) -> None:
+    shared = recorded_job(stack.database_url, {"denoise": (12, 3.4), "decode": (1, 2.0)})
+    table = run_farm(["status", shared], farm_env).stdout
+    assert "GPU calls" in table
+    assert re.search(r"denoise\W+gpu\W+done.*12 \N{MULTIPLICATION SIGN} 3\.4 jobs", table), table
+    assert re.search(r"decode\W.*1 \N{MULTIPLICATION SIGN} 2\.0 jobs", table), table
+    stages = json.loads(run_farm(["status", shared, "--json"], farm_env).stdout)["stages"]
+    by_name = {s["name"]: (s["model_calls"], s["jobs_per_call"]) for s in stages}
+    assert by_name["denoise"] == (12, 3.4) and by_name["noise"] == (None, None)
+
+    alone = run_farm(["status", recorded_job(stack.database_url, {})], farm_env).stdout
+    assert "denoise" in alone and "GPU calls" not in alone
+    assert "\N{MULTIPLICATION SIGN}" not in alone
 
 
 def test_errors_are_one_clear_line_not_a_traceback(farm_env) -> None:

@@ -17,10 +17,13 @@ from farm.api import Farm
 from farm.cli.app import JobId, app, console
 from farm.errors import ConfigError
 
+TIMES = "\N{MULTIPLICATION SIGN}"  # written out: ruff takes the bare sign for a typo of x
+
 
 @app.command()
 def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A job's status and its stage table (status, attempts, lost runs, worker, duration)."""
+    """A job's status and its stage table (status, attempts, lost runs, worker, duration, and
+    the batched GPU calls its stages shared with other jobs, when they made any)."""
     job = Farm.from_env().get(job_id)
     info, stages = job.info(), job.stages()
     if as_json:
@@ -53,19 +56,32 @@ def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -
 
 def _stage_table(stages: list) -> Table:
     """One row per stage; a DAG that is not a chain also shows what each stage comes after,
-    which is where its branches part and join."""
+    which is where its branches part and join, and a job whose stages shared batched model
+    calls with other jobs shows how many calls and how full they were."""
     branched = not _is_chain(stages)
+    batched = any(s.model_calls is not None for s in stages)
     after = ("after",) if branched else ()
+    calls = ("GPU calls",) if batched else ()
     table = Table("stage", "queue", *after, "status", "attempts", "lost", "worker", "duration",
-                  "artifact")  # fmt: skip
+                  *calls, "artifact")  # fmt: skip
     for s in stages:
         duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
         size = f"{s.artifact_size:,} B" if s.artifact_size else ""
         state = f"{s.status}, waiting on {s.waiting_on}" if s.waiting_on else s.status
         dag = (", ".join(s.after),) if branched else ()
+        shared = (_model_calls(s),) if batched else ()
         row = (s.name, s.queue, *dag, state, str(s.attempts), str(s.lost_runs), s.worker or "")
-        table.add_row(*row, duration, size)
+        table.add_row(*row, duration, *shared, size)
     return table
+
+
+def _model_calls(stage) -> str:
+    """The batched model calls and the mean number of jobs in each: ``12 TIMES 3.4 jobs``."""
+    if stage.model_calls is None:
+        return ""
+    if stage.jobs_per_call is None:
+        return str(stage.model_calls)
+    return f"{stage.model_calls} {TIMES} {stage.jobs_per_call:.1f} jobs"
 
 
 def _is_chain(stages: list) -> bool:
