@@ -62,6 +62,9 @@ class Settings(BaseSettings):
     model: Path | None = None
     visibility_timeout: int = Field(3600, ge=10, description="broker redelivery, seconds")
     lease_ttl: int = Field(30, ge=2, description="a stage is presumed dead after this, seconds")
+    gpu_batch: int = Field(
+        8, ge=1, le=64, description="jobs a gpu worker batches into one model call (and holds)"
+    )
     max_deliveries: int = Field(3, ge=1, description="crashes of one stage before it fails")
     reconcile_interval: int = Field(15, ge=1, description="seconds between reconciler passes")
     outage_timeout: float = Field(

@@ -297,3 +297,9 @@ def is_input_error(code: str | None) -> bool:
     return bool(code) and (
         code.startswith("INPUT_") or code in {"INVALID_PARAM", "UNKNOWN_PIPELINE"}
     )
+
+
+class GpuOutOfMemory(FarmError):
+    """The GPU ran out of memory with this job alone in the batch: the job itself is too big."""
+
+    code = "GPU_OUT_OF_MEMORY"

@@ -93,6 +93,21 @@ class Metadata:
         return bool(pipe.execute()[1])
 
     @_mapped
+    def report_steps(
+        self, reports: dict[str, dict[str, str | int | float]], watched: list[str]
+    ) -> set[str]:
+        """``report_step`` for a whole batch of jobs in one round trip: record each job's
+        progress, and return which of the ``watched`` jobs were cancelled."""
+        pipe = self.redis.pipeline(transaction=False)
+        now = round(time.time(), 3)
+        for job_id, fields in reports.items():
+            pipe.hset(keys.job_state(job_id), mapping={**fields, "updated": now})
+        for job_id in watched:
+            pipe.exists(keys.cancel_flag(job_id))
+        flags = pipe.execute()[len(reports) :]
+        return {job_id for job_id, flag in zip(watched, flags, strict=True) if flag}
+
+    @_mapped
     def state(self, job_id: str) -> dict[str, str]:
         return self.redis.hgetall(keys.job_state(job_id))
 

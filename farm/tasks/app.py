@@ -105,6 +105,8 @@ def farm_config(settings: Settings, role: str | None = None) -> dict:
         conf.update(signing_config(settings))
     if role:
         conf.update(role_config(role))
+    if role == "gpu":  # one thread per job the engine may batch (worker_configs/gpu.py)
+        conf["worker_concurrency"] = settings.gpu_batch
     return conf
 
 

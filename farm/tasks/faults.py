@@ -6,6 +6,10 @@ A test arms a fault in Redis for one (job, stage, point); the worker consumes it
 point is reached, by any delivery, until the test disarms it: a stage slowed down for as long
 as a test needs it running. ``full`` raises the StorageError of a store whose disk is full
 every time, until the test disarms it.
+
+The GPU engine has one point of its own, every tick, armed with ``arm_engine`` until disarmed:
+``oom:N`` raises CUDA's out-of-memory error in any tick of more than N jobs, ``stall:S`` slows
+every tick by S seconds (farm.engine.core).
 """
 
 from __future__ import annotations
@@ -36,6 +40,25 @@ def arm(meta: Metadata, job_id: str, stage: str, point: str, action: str) -> Non
 
 def disarm(meta: Metadata, job_id: str, stage: str, point: str) -> None:
     meta.redis.delete(fault_key(job_id, stage, point))
+
+
+ENGINE_KEY = f"{REDIS_PREFIX}fault:engine:tick"
+
+
+def arm_engine(meta: Metadata, action: str) -> None:
+    meta.redis.set(ENGINE_KEY, action, ex=600)
+
+
+def disarm_engine(meta: Metadata) -> None:
+    meta.redis.delete(ENGINE_KEY)
+
+
+def engine_action(meta: Metadata) -> str:
+    """What the engine's tick should do ("" for nothing); read only with injection enabled."""
+    try:
+        return meta.redis.get(ENGINE_KEY) or ""
+    except redis.RedisError:
+        return ""
 
 
 def maybe_inject(meta: Metadata, job_id: str, stage: str, point: str) -> None:

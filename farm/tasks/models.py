@@ -23,7 +23,8 @@ def load(pipeline: Pipeline, name: str, settings: Settings) -> Any:
     if name == SD_MODEL:
         from farm.models import load_model  # torch + diffusers: only where a stage needs them
 
-        return load_model(settings.model, settings.data_dir)
+        with _lock:  # the first stages of a threads-pool worker may ask at the same moment
+            return load_model(settings.model, settings.data_dir)
     key = (pipeline.name, name)
     with _lock:
         if key not in _loaded:

@@ -12,6 +12,7 @@ import threading
 import time
 import uuid
 
+from farm import engine
 from farm.db import stage_records
 from farm.db.session import transaction
 from farm.db.stage_records import BeginAction, Checkpoint, InputRecord, JobRow, Outcome, Rebuild
@@ -121,6 +122,7 @@ class StageRun:
         self.job: JobRow | None = None  # once begun
         self.spec: StageSpec | None = None  # once begun: the stage as its job stored it
         self.inputs: tuple[InputRecord, ...] = ()  # once begun: the checkpoints it reads
+        self.member: engine.Member | None = None  # while it calls the model through the engine
         self._cancelled = False
 
     def execute(self) -> str:
@@ -221,7 +223,8 @@ class StageRun:
     def _run_op(self, pipeline: Pipeline, op: Stage, params):
         inputs = self._load_inputs(op)
         model = models.load(pipeline, op.model, self.ctx.settings) if op.model else None
-        return op.run(inputs, params, model, Hooks(self))
+        with engine.joined(self.job_id, self.stage, model) as (model, self.member):
+            return op.run(inputs, params, model, Hooks(self))
 
     def _load_inputs(self, op: Stage):
         """The submitted input (first stages), the one artifact a stage reads, or, for a join,
@@ -266,7 +269,9 @@ class StageRun:
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "upload")
         self.ctx.store.put(key, data)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "commit")
-        checkpoint = Checkpoint(key, len(data), sha256_hex(data), duration, kind.content_type)
+        checkpoint = Checkpoint(
+            key, len(data), sha256_hex(data), duration, kind.content_type, *self._shared_calls()
+        )
         with transaction(self.ctx.db_url) as conn:
             done = stage_records.complete_stage(
                 conn, self.job_id, self.stage, self.attempt, checkpoint
@@ -281,6 +286,13 @@ class StageRun:
             return "done"
         self._hand_on(done.ready)
         return "done"
+
+    def _shared_calls(self) -> tuple[int | None, float | None]:
+        """How many batched model calls the stage took part in, and the mean jobs per call."""
+        member = self.member
+        if member is None or not member.calls:
+            return None, None
+        return member.calls, member.jobs_per_call
 
     def _hand_on(self, ready: tuple[StageSpec, ...]) -> None:
         """The record is committed: nothing after this may fail the stage. Stages that cannot
@@ -376,7 +388,12 @@ class Hooks:
 
     def on_step(self, step: int, total: int) -> None:
         run = self.run
-        if run._live("report_step", run.job_id, stage=run.stage, step=step, steps=total):
+        progress = {"stage": run.stage, "step": step, "steps": total}
+        if run.member is not None:  # in the engine: one round trip per tick for all its jobs
+            cancelled = run.member.report(progress)
+        else:
+            cancelled = run._live("report_step", run.job_id, **progress)
+        if cancelled:
             raise JobCancelled("cancelled by request")
         faults.maybe_inject(run.ctx.meta, run.job_id, run.stage, "step")
         run._check_lease()

@@ -10,6 +10,7 @@ import time
 
 from celery import signals
 
+from farm import engine
 from farm.db.session import dispose_engines
 from farm.errors import FarmError
 from farm.pipelines import all_pipelines
@@ -39,7 +40,7 @@ class Beat(threading.Thread):
         next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
         while not self.stop_event.is_set():
             try:
-                ctx.meta.beat(self.worker_name, info)
+                ctx.meta.beat(self.worker_name, {**info, **_engine_stats()})
                 if time.monotonic() >= next_reconcile:
                     next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
                     reconcile_once_across_farm(ctx)
@@ -78,12 +79,22 @@ def _start(sender, **_: object) -> None:
     _beat.start()
     if "gpu" in queues:
         _warm_model()
+        if sender.app.conf.worker_pool == "threads":  # its threads are the jobs it batches
+            ctx = context.current()
+            engine.start(ctx.settings.gpu_batch, ctx.meta)
 
 
 @signals.worker_shutdown.connect
 def _stop(**_: object) -> None:
     if _beat is not None:
         _beat.stop()
+    engine.stop()
+
+
+def _engine_stats() -> dict[str, int | float]:
+    """The engine's model calls and jobs per call, for `farm workers` and the benchmarks."""
+    running = engine.current()
+    return {"engine": running.stats()} if running else {}
 
 
 def _warm_model() -> None:
