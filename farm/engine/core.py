@@ -68,6 +68,8 @@ class Engine(threading.Thread):
         self.model_calls = 0  # since start: batched calls, and jobs in them summed
         self.jobs_in_calls = 0
         self.unet_calls = 0
+        self.busy_s = 0.0  # inside model calls: over wall time, how busy it kept the GPU
+        self.started_at = time.time()
         self.out_of_memory = 0  # ticks that ran out of memory
         self.lowest_cap = cap
         self._cond = threading.Condition()
@@ -125,6 +127,8 @@ class Engine(threading.Thread):
             "batch_limit": self.limit,
             "out_of_memory": self.out_of_memory,
             "lowest_cap": self.lowest_cap,
+            "busy_s": round(self.busy_s, 4),
+            "started_at": self.started_at,
         }
 
     def stop(self) -> None:
@@ -165,11 +169,13 @@ class Engine(threading.Thread):
 
     def _run(self, tick: list[Call]) -> None:
         self.reporter.tick()  # last tick's progress goes out while this one computes
-        started = time.perf_counter()
         try:
             self._inject_faults(tick)
+            started = time.perf_counter()
             with torch.no_grad():
                 answers = calls.run(tick)
+            if torch.cuda.is_available():  # the call's real time: its answers are needed next
+                torch.cuda.synchronize()
         except torch.OutOfMemoryError:
             self._out_of_memory(tick)
             return
@@ -181,7 +187,9 @@ class Engine(threading.Thread):
             for call in tick:
                 self._run([call])
             return
-        self._tick_s = 0.8 * self._tick_s + 0.2 * (time.perf_counter() - started)
+        took = time.perf_counter() - started
+        self.busy_s += took
+        self._tick_s = 0.8 * self._tick_s + 0.2 * took
         self._count(tick)
         for call, answer in zip(tick, answers, strict=True):
             call.answer(answer)
