@@ -15,7 +15,10 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw
+
+from farm.engine import PIXEL_BOUND
 
 
 def sample_png(size: int = 64, hue: int = 0) -> bytes:
@@ -98,3 +101,13 @@ def _answers(base: str) -> bool:
         return http(base + "/")[0] in (200, 401)
     except OSError:
         return False
+
+
+def same_render(png: bytes, reference: bytes) -> bool:
+    """The same picture up to batching: same size, every channel within farm.engine.PIXEL_BOUND
+    (a job rendered in a batch and alone round differently; alone they are bit-exact)."""
+    a, b = (
+        np.asarray(Image.open(io.BytesIO(p)).convert("RGB")).astype(np.int16)
+        for p in (png, reference)
+    )
+    return a.shape == b.shape and int(np.abs(a - b).max()) <= PIXEL_BOUND

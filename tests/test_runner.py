@@ -27,7 +27,7 @@ from farm.tasks.dispatch import InlineSender
 from farm.tasks.inline import run_job_inline
 from farm.tasks.reconcile import close_stopped, requeue_dead
 from farm.tasks.runner import LeaseKeeper, StageRun
-from tests.helpers import sample_png, wait_until
+from tests.helpers import same_render, sample_png, wait_until
 
 PARAMS = {"size": 64, "steps": 6, "strength": 0.8, "prompt": "a lighthouse", "seed": 3}
 
@@ -79,7 +79,7 @@ def _inline_matches(farm, reference) -> None:
     job = farm.get(job_id)
     assert job.status() == "done"
     assert all(s.attempts == 1 and s.worker.startswith("inline@") for s in job.stages())
-    assert job.result() == reference.result()
+    assert same_render(job.result(), reference.result())
 
 
 def test_stored_parameters_that_fail_validation_fail_the_stage_at_once(

@@ -13,7 +13,7 @@ import pytest
 from farm.errors import ArtifactCorrupt, ArtifactMissing
 from farm.storage import keys
 from farm.tasks import faults
-from tests.helpers import sample_png
+from tests.helpers import same_render, sample_png
 from tests.test_cli import FAST, run_farm
 
 PARAMS = {"size": 64, "steps": 6, "strength": 0.8, "prompt": "a lighthouse", "seed": 5}
@@ -58,7 +58,7 @@ def test_a_checkpoint_swapped_with_another_jobs_is_rebuilt_not_used(farm, runnin
 
     assert farm.resume(job.id).wait(timeout=240).status == "done"
 
-    assert job.result() == expected  # not the other job's picture
+    assert same_render(job.result(), expected)  # not the other job's picture
     runs = stages(job)
     assert (runs["decode"].attempts, runs["decode"].rebuilds) == (2, 1)
     assert runs["postprocess"].attempts == 3  # failed, found decode changed, ran
@@ -74,7 +74,7 @@ def test_deleted_checkpoints_are_rebuilt_up_the_pipeline(farm, workers, running,
 
     assert farm.resume(job.id).wait(timeout=240).status == "done"
 
-    assert job.result() == expected
+    assert same_render(job.result(), expected)
     runs = stages(job)
     # decode ran, found denoise's checkpoint gone, waited for it, ran again
     assert {s: (runs[s].attempts, runs[s].rebuilds) for s in ("denoise", "decode")} == {
@@ -103,7 +103,7 @@ def test_a_done_jobs_changed_or_deleted_output_is_refused_then_rendered_again(
 
     assert farm.resume(job.id).wait(timeout=240).status == "done"
 
-    assert job.result() == expected
+    assert same_render(job.result(), expected)
     runs = stages(job)
     assert (runs["postprocess"].attempts, runs["postprocess"].rebuilds) == (2, 1)
     assert_ran_once(job, *IMG2IMG[:-1])
@@ -126,7 +126,9 @@ def test_render_renders_a_lost_output_again_and_writes_every_file(
     assert again.returncode == 0, again.stdout + again.stderr
     assert "is gone from the store. Rendering it again." in again.stdout
     for name in ("p40.png", "p140.png"):
-        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+        assert same_render(
+            (tmp_path / "b" / name).read_bytes(), (tmp_path / "a" / name).read_bytes()
+        )
     runs = stages(farm.get(lost.id))
     assert (runs["postprocess"].attempts, runs["postprocess"].rebuilds) == (2, 1)
 
