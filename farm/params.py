@@ -8,11 +8,15 @@ them: one wording for every INVALID_PARAM message.
 
 Size is stored as the user meant it, and ``output_size`` turns it into pixels:
 
-- ``size`` N: the long side; img2img keeps the input's aspect ratio (the short side rounded to
-  the nearest multiple of 8), txt2img renders N x N. With no size at all, 512 (``Farm.submit``
-  fills in the model's native size before this class sees the parameters).
+- ``size`` N: the long side; img2img takes the input's aspect ratio snapped to the nearest of
+  a few buckets (farm.buckets: 1:1 to 2:1, landscape or portrait) so that a mixed folder gives
+  few latent shapes and batches on the GPU; the short side is rounded to the nearest multiple of
+  8 and the input fitted by ``fit``. N stays the long side, so the pixel count varies with the
+  bucket from N² (1:1) down to N²/2 (2:1): what batching needs is few distinct shapes, not one
+  pixel count. txt2img renders N x N. With no size at all, 512 (``Farm.submit`` fills in the
+  model's native size before this class sees the parameters).
 - ``width`` and ``height`` (or ``size="WxH"``): exactly that, the input fitted by ``fit``;
-  one of them alone fixes that side and the other follows the input's aspect ratio.
+  one of them alone fixes that side and the other follows the input's bucketed aspect ratio.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from farm.buckets import snap_aspect
 from farm.errors import InvalidParameter
 
 # Names users may pass as ``scheduler``; farm.models.schedulers maps each to a diffusers class.
@@ -74,13 +79,13 @@ PARAM_HELP: dict[str, str] = {
     "steps": "Denoising steps, 1-500 (30).",
     "guidance": "Classifier-free guidance, 0-50 (7.5).",
     "seed": "Random seed (0).",
-    "size": "Long side in px, keeping the input's aspect (default: the model's native size), "
-    "or WxH.",
+    "size": "Long side in px, the input's aspect snapped to the nearest of a few buckets "
+    "(default: the model's native size), or WxH.",
     "width": "Output width in px: with --height exactly that size (see --fit); alone, the height "
-    "follows the input's aspect.",
+    "follows the input's bucketed aspect.",
     "height": "Output height in px: with --width exactly that size (see --fit); alone, the width "
-    "follows the input's aspect.",
-    "fit": "With --width/--height: cover (crop, default), contain (pad), stretch.",
+    "follows the input's bucketed aspect.",
+    "fit": "How the input meets another aspect: cover (crop, default), contain (pad), stretch.",
     "scheduler": "pndm, ddim, euler, euler_a or dpm.",
     "sharpen": "Unsharp-mask amount, 0-5 (0).",
     "saturation": "Colour saturation, 0-5 (1).",
@@ -196,10 +201,11 @@ def check_keys(fields: Mapping[Any, Any], allowed: Sequence[str]) -> None:
 
 def output_size(params: RenderParams, input_size: tuple[int, int] | None = None) -> tuple[int, int]:
     """(width, height) in pixels of the render of an input of ``input_size`` (upright, that is
-    after EXIF orientation); ``None`` for txt2img, which has no input and so a square aspect."""
+    after EXIF orientation); ``None`` for txt2img, which has no input and so a square aspect.
+    An aspect taken from the input is snapped to a bucket; explicit width and height are exact."""
     if params.width is not None and params.height is not None:
         return params.width, params.height
-    aspect = input_size[0] / input_size[1] if input_size else 1.0
+    aspect = snap_aspect(input_size[0] / input_size[1]) if input_size else 1.0
     if params.width is not None:
         return params.width, _snap(params.width / aspect)
     if params.height is not None:

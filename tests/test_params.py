@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from typing import Any
 
 import pytest
 
+from farm.buckets import BUCKETS
 from farm.errors import InvalidParameter
 from farm.params import FIT_NAMES, SCHEDULER_NAMES, RenderParams, output_size
 
@@ -57,17 +59,28 @@ def test_size_shorthand(size: object, stored: tuple[int | None, ...]) -> None:
 @pytest.mark.parametrize(
     ("given", "input_size", "expected"),
     [
-        ({"size": 512}, (4000, 1000), (512, 128)),  # a 4:1 panorama stays 4:1
-        ({"size": 512}, (1000, 4000), (128, 512)),  # a portrait stays a portrait
-        ({"size": 512}, (300, 200), (512, 344)),  # 341.3 -> the nearest multiple of 8
-        ({"size": 512}, (1000, 333), (512, 168)),  # 170.5 -> 168, not 176
-        ({"size": 128}, (2000, 100), (128, 8)),  # 6.4 -> at least 8
+        ({"size": 512}, (4032, 3024), (512, 384)),  # a phone's 4:3 is a bucket
+        ({"size": 512}, (3024, 4032), (384, 512)),  # a portrait stays a portrait
+        ({"size": 512}, (300, 200), (512, 344)),  # 3:2: 341.3 -> the nearest multiple of 8
+        ({"size": 1024}, (1250, 1000), (1024, 816)),  # 5:4: 819.2 -> 816, not 824
+        ({"size": 512}, (1920, 1080), (512, 288)),  # 16:9
+        ({"size": 512}, (1080, 1350), (408, 512)),  # 4:5, Instagram's portrait
+        ({"size": 512}, (1100, 1000), (512, 512)),  # 1.1:1 is nearer 1:1 than 5:4
+        ({"size": 512}, (1150, 1000), (512, 408)),  # 1.15:1 is nearer 5:4
+        ({"size": 512}, (1400, 1000), (512, 384)),  # 1.4:1 is nearer 4:3 than 3:2 in log-aspect
+        ({"size": 512}, (2340, 1080), (512, 256)),  # 19.5:9, a phone screenshot: 2:1
+        ({"size": 512}, (4000, 1000), (512, 256)),  # a 4:1 panorama: the widest bucket, 2:1
+        ({"size": 512}, (1000, 4000), (256, 512)),
+        ({"size": 8}, (2000, 100), (8, 8)),  # 4 -> at least 8
         ({"size": 512}, (640, 640), (512, 512)),
         ({"size": 512}, None, (512, 512)),  # txt2img: N x N
         ({"size": "768x512"}, (100, 400), (768, 512)),  # exact, whatever the input
+        ({"size": "520x296"}, (1000, 1000), (520, 296)),  # exact, though no bucket's aspect
         ({"size": "768x512"}, None, (768, 512)),
-        ({"width": 256}, (400, 300), (256, 192)),  # one side: the other follows the aspect
+        ({"width": 256}, (400, 300), (256, 192)),  # one side: the other follows the bucket
         ({"height": 256}, (400, 300), (344, 256)),
+        ({"width": 512}, (2340, 1080), (512, 256)),
+        ({"height": 512}, (1000, 1080), (512, 512)),
         ({"width": 2048}, (100, 1000), (2048, 2048)),  # never past SIZE_MAX
         ({"width": 256}, None, (256, 256)),
         ({}, (400, 300), (512, 384)),
@@ -79,6 +92,39 @@ def test_output_size(
     width, height = output_size(RenderParams.from_dict(given), input_size)
     assert (width, height) == expected
     assert width % 8 == 0 and height % 8 == 0
+
+
+def random_inputs(count: int, seed: int) -> list[tuple[int, int]]:
+    """Input sizes of aspects log-uniform in [1:20, 20:1], the most preprocess accepts."""
+    rng = random.Random(seed)
+    aspects = (math.exp(rng.uniform(-math.log(20), math.log(20))) for _ in range(count))
+    return [(round(1000 * a), 1000) if a >= 1 else (1000, round(1000 / a)) for a in aspects]
+
+
+@pytest.mark.parametrize("size", [8, 64, 128, 200, 512, 768, 1024, 2048])
+def test_a_mixed_folder_gives_at_most_one_shape_per_bucket(size: int) -> None:
+    params = RenderParams(size=size)
+    shapes = {output_size(params, input_size) for input_size in random_inputs(20, seed=size)}
+    assert len(shapes) <= len(BUCKETS)
+    for width, height in shapes:
+        assert width % 8 == 0 and height % 8 == 0
+        assert max(width, height) == params.size  # the long side is the one asked for
+        assert width * height >= params.size**2 // 2 - 4 * params.size
+
+
+@pytest.mark.parametrize("given", [{"size": 512}, {"width": 320}, {"height": 1000}])
+def test_every_derived_side_is_a_multiple_of_8(given: dict[str, Any]) -> None:
+    params = RenderParams.from_dict(given)
+    ratios = [(w * 100, h * 100) for w, h in BUCKETS] + random_inputs(200, seed=1)
+    for width, height in (output_size(params, input_size) for input_size in ratios):
+        assert width % 8 == 0 and height % 8 == 0, (width, height)
+
+
+def test_explicit_width_and_height_ignore_the_buckets() -> None:
+    for width, height in [(520, 296), (1000, 8), (64, 2048)]:
+        params = RenderParams(width=width, height=height)
+        for input_size in [None, *random_inputs(20, seed=2)]:
+            assert output_size(params, input_size) == (width, height)
 
 
 @pytest.mark.parametrize("fit", FIT_NAMES)

@@ -310,12 +310,29 @@ def test_cover_crop_keeps_the_centre() -> None:
     assert pixels.shape == (64, 64, 3) and pixels.min() > 240
 
 
-def test_panorama_keeps_its_aspect() -> None:
-    panorama = Image.new("RGB", (800, 200), (0, 0, 0))
-    panorama.paste((255, 255, 255), (0, 0, 100, 200))  # a white left eighth: not cropped away
+def test_panorama_snaps_to_the_widest_bucket() -> None:
+    panorama = Image.new("RGB", (800, 200), (255, 0, 0))  # 4:1
+    panorama.paste((0, 0, 0), (200, 0, 600, 200))  # the middle half, which 2:1 keeps
+    panorama.paste((255, 255, 255), (200, 0, 300, 200))  # the kept part's white left quarter
     pixels = prepared(png_bytes(panorama), size=128)
-    assert pixels.shape == (32, 128, 3)
-    assert pixels[:, :12].min() > 240 and pixels[:, 20:].max() < 15
+    assert pixels.shape == (64, 128, 3)
+    # The red ends are cropped away; the resampling filter reads a pixel past each edge of the crop.
+    assert pixels[:, 1:28].min() > 240 and pixels[:, 36:-1].max() < 15
+
+
+def test_photos_of_mixed_aspects_share_a_few_shapes() -> None:
+    expected = {  # input -> (height, width) at size 128
+        (96, 64): (88, 128),  # 3:2
+        (100, 64): (88, 128),  # 1.56:1, nearest 3:2
+        (64, 96): (128, 88),  # 2:3
+        (90, 64): (96, 128),  # 1.41:1, nearest 4:3
+        (120, 64): (72, 128),  # 1.88:1, nearest 16:9
+        (64, 64): (128, 128),
+        (70, 64): (128, 128),  # 1.09:1, nearest 1:1
+        (160, 64): (64, 128),  # 2.5:1, beyond the widest bucket, 2:1
+    }
+    for size, shape in expected.items():
+        assert prepared(png_bytes(Image.new("RGB", size)), size=128).shape == (*shape, 3), size
 
 
 def test_exif_rotated_portrait_stays_a_portrait() -> None:

@@ -32,11 +32,13 @@ What is accepted, and how it is normalized:
 - **CMYK**, YCbCr, LAB and palette images are converted by Pillow; ICC profiles are not applied.
 - The output size comes from ``farm.params.output_size`` on the upright picture, so an
   EXIF-rotated portrait stays a portrait. By default (``size``, the long side) the aspect ratio
-  is kept; both sides snap to a multiple of 8, so the cover crop takes at most a few pixels.
-- Where the aspects differ (``width`` and ``height`` both given), ``fit`` decides: ``cover``
-  fills the output and crops the overflow evenly from both sides, ``contain`` fits the whole
-  picture inside and pads the rest evenly with ``PAD_COLOUR``, ``stretch`` resizes to the output
-  and distorts.
+  snaps to the nearest bucket of farm.buckets and the sides to multiples of 8, so that mixed
+  inputs batch: a 4:3 or 3:2 photo loses a few pixels at most, an aspect between two buckets up
+  to about a tenth of the picture, a panorama wider than 2:1 more.
+- Where the aspects differ (a bucket's, or ``width`` and ``height`` both given), ``fit`` decides:
+  ``cover`` fills the output and crops the overflow evenly from both sides, ``contain`` fits the
+  whole picture inside and pads the rest evenly with ``PAD_COLOUR``, ``stretch`` resizes to the
+  output and distorts.
 """
 
 from __future__ import annotations
