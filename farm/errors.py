@@ -303,3 +303,10 @@ class GpuOutOfMemory(FarmError):
     """The GPU ran out of memory with this job alone in the batch: the job itself is too big."""
 
     code = "GPU_OUT_OF_MEMORY"
+
+
+class WorkerStopping(FarmError):
+    """The worker stopped while a stage waited for its GPU engine: the stage runs again."""
+
+    code = "WORKER_STOPPING"
+    retryable = True

@@ -211,3 +211,56 @@ def test_jobs_of_different_shapes_never_share_a_call(bundle: ModelBundle, runnin
     for solo, batched in zip(alone, together, strict=True):
         assert solo.shape == batched.shape
         assert largest_difference(solo, batched) <= PIXEL_BOUND
+
+
+def component_calls(bundle: ModelBundle) -> dict[str, object]:
+    """For each batched component other than the UNet: a call of job ``i``'s own input."""
+    generator = torch.Generator().manual_seed(0)
+    images = [torch.randn(1, 3, 64, 64, generator=generator) for _ in range(4)]
+    latents = [torch.randn(1, 4, 32, 32, generator=generator) for _ in range(4)]
+    tokens = [
+        bundle.tokenizer(
+            f"prompt {i}",
+            padding="max_length",
+            max_length=bundle.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        for i in range(4)
+    ]
+    return {
+        "vae.encode": lambda b, i: b.vae.encode(images[i]).latent_dist.mean,
+        "vae.decode": lambda b, i: b.vae.decode(latents[i], return_dict=False)[0],
+        "text_encoder": lambda b, i: b.text_encoder(tokens[i])[0],
+    }
+
+
+@pytest.mark.parametrize("component", ["vae.encode", "vae.decode", "text_encoder"])
+def test_calls_waiting_at_the_same_moment_share_one_model_call(
+    bundle: ModelBundle, component: str
+) -> None:
+    call = component_calls(bundle)[component]
+    paused = Engine(8, None)  # not started yet: the four calls wait for it together
+    wrapped = paused.wrap(bundle)
+    answers: list[torch.Tensor | None] = [None] * 4
+
+    def one(index: int) -> None:
+        answers[index] = call(wrapped, index)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    try:
+        while paused.waiting() < 4:
+            threading.Event().wait(0.01)
+        paused.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        paused.stop()
+    assert (paused.model_calls, paused.jobs_in_calls) == (1, 4)
+    for index, answer in enumerate(answers):
+        with torch.no_grad():
+            alone = call(bundle, index)
+        assert answer is not None and answer.shape == alone.shape
+        assert torch.allclose(answer, alone, atol=1e-4)

@@ -27,7 +27,7 @@ import torch
 from farm.engine import calls
 from farm.engine.calls import Call
 from farm.engine.progress import Reporter
-from farm.errors import GpuOutOfMemory
+from farm.errors import GpuOutOfMemory, WorkerStopping
 from farm.models import ModelBundle
 from farm.storage.metadata import Metadata
 from farm.tasks import faults
@@ -132,17 +132,31 @@ class Engine(threading.Thread):
         }
 
     def stop(self) -> None:
+        """Stop after the current tick; calls still waiting fail (their stages run again)."""
         with self._cond:
             self._stopped = True
+            left, self._waiting = self._waiting, []
             self._cond.notify_all()
+        for call in left:
+            call.fail(WorkerStopping("the gpu worker is shutting down"))
         self.reporter.stop()
 
     # -- the loop ------------------------------------------------------------------------------
 
+    def waiting(self) -> int:
+        """Calls waiting for a tick."""
+        with self._cond:
+            return len(self._waiting)
+
     def run(self) -> None:
         self.reporter.start()
         while (tick := self._next_tick()) is not None:
-            self._run(tick)
+            try:
+                self._run(tick)
+            except BaseException as exc:  # the loop outlives any tick: no job waits forever
+                log.exception("engine tick failed")
+                for call in tick:
+                    call.fail(exc)
 
     def _next_tick(self) -> list[Call] | None:
         with self._cond:
