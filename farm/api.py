@@ -10,6 +10,7 @@ job.save("cat-out.png")
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from farm import job as job_queries
 from farm.batch import Batch
@@ -227,6 +228,11 @@ class Farm:
     def missing_queues(self, queues: set[str]) -> set[str]:
         """Queues no live worker consumes (from the workers' Redis heartbeats)."""
         return job_queries.missing_queues(self.ctx, queues)
+
+    def workers(self) -> list[dict[str, Any]]:
+        """The live workers' heartbeats: name, role, queues, pid, ``at`` (the beat's time) and,
+        for a gpu worker, ``engine``: its model calls, jobs per call, batch cap, OOMs, busy time."""
+        return self.ctx.meta.workers()
 
     def jobs(
         self, status: str | None = None, batch: str | None = None, limit: int | None = 1000

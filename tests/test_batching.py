@@ -9,6 +9,7 @@ is compared with the same job rendered alone in this process, within the documen
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -20,6 +21,7 @@ from farm.models import load_model
 from farm.params import RenderParams
 from farm.tasks import faults
 from tests.helpers import sample_png, wait_for_step, wait_until
+from tests.test_cli import run_farm
 from tests.test_engine import mixed_jobs, render_alone
 
 pytestmark = pytest.mark.slow
@@ -140,3 +142,13 @@ def test_out_of_memory_halves_the_batch_and_every_job_finishes(farm, gpu, meta, 
         assert_as_alone(job, data, p, bundle)
     stats = engine_stats(meta, gpu, after=time.time())
     assert stats["out_of_memory"] >= 1 and stats["lowest_cap"] <= 2
+
+
+def test_farm_workers_shows_each_gpu_engine(farm_env, gpu, meta) -> None:
+    engine_stats(meta, gpu, after=time.time())  # a beat of the new worker, engine running
+    shown = run_farm(["workers", "--json"], farm_env)
+    assert shown.returncode == 0, shown.stderr
+    [beat] = [w for w in json.loads(shown.stdout) if w["name"] == gpu.name]
+    assert beat["role"] == "gpu" and beat["engine"]["batch_limit"] == 8
+    table = run_farm(["workers"], farm_env)
+    assert table.returncode == 0 and "8/8" in table.stdout, table.stdout + table.stderr

@@ -2,7 +2,8 @@
 
 One module per group of commands: ``stack`` (the local stack, workers, the database and other
 operator commands), ``render`` (render and submit, with their one option set), ``steer``
-(inspecting and steering jobs), ``pipelines`` (what the farm can run).
+(inspecting and steering jobs), ``pipelines`` (what the farm can run), ``workers`` (the
+live workers and their GPU engines).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sys
 
 from rich.markup import escape
 
-from farm.cli import pipelines, render, stack, steer  # noqa: F401 -- registers the commands
+from farm.cli import pipelines, render, stack, steer, workers  # noqa: F401 -- registers the commands
 from farm.cli.app import app, err
 from farm.errors import FarmError
 

@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+TIMES = "\N{MULTIPLICATION SIGN}"  # written out: ruff takes the bare sign for a typo of x
 console = Console()
 err = Console(stderr=True)
 

@@ -14,10 +14,8 @@ from rich.markup import escape
 from rich.table import Column, Table
 
 from farm.api import Farm
-from farm.cli.app import JobId, app, console
+from farm.cli.app import TIMES, JobId, app, console
 from farm.errors import ConfigError
-
-TIMES = "\N{MULTIPLICATION SIGN}"  # written out: ruff takes the bare sign for a typo of x
 
 
 @app.command()
