@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import redis
 from PIL import Image
 from sqlalchemy import func, select
 
@@ -38,6 +40,7 @@ from farm.db.session import session_scope
 from farm.local import LocalStack, StackInfo
 from farm.local.workers import WorkerProcess, start_worker, wait_ready
 from farm.storage.metadata import Metadata
+from farm.tasks.broker_scan import queue_keys
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # Every benchmark's workers and baselines run torch with this many threads unless told otherwise
@@ -285,6 +288,67 @@ def _cpu(proc: psutil.Process) -> float:
     except psutil.Error:
         return 0.0
     return t.user + t.system + t.children_user + t.children_system
+
+
+class EngineBeats(threading.Thread):
+    """A gpu worker's engine counters from its heartbeats (one every 5 s), each with the length
+    of the gpu queue in the broker around the beat, for the GPU-busy fraction.
+
+    A beat counts as "queue full" when the queue held messages at the poll before the beat and
+    at the poll that saw it: the worker's threads (FARM_GPU_BATCH of them, prefetch 1) all held
+    a job then, so time the engine spent outside model calls was the farm's, not a lack of work.
+    Busy fraction = Δbusy_s / Δat between the first and the last such beat."""
+
+    def __init__(self, bench: Bench, worker: str, queue: str = "gpu", poll: float = 0.25) -> None:
+        super().__init__(daemon=True, name="engine-beats")
+        self.meta, self.worker, self.poll = bench.meta, worker, poll
+        self.broker = redis.Redis.from_url(bench.env()["FARM_BROKER_URL"])
+        self.keys = queue_keys(queue)
+        self.beats: list[dict] = []  # {"at", "queued_before", "queued", "engine"}
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        before = 0
+        while not self._halt.is_set():
+            queued = self._queued()
+            beat = next((w for w in self.meta.workers() if w["name"] == self.worker), None)
+            if beat and "engine" in beat and (not self.beats or beat["at"] > self.beats[-1]["at"]):
+                self.beats.append(
+                    {"at": beat["at"], "queued_before": before, "queued": queued,
+                     "engine": beat["engine"]}
+                )  # fmt: skip
+            before = queued
+            self._halt.wait(self.poll)
+
+    def _queued(self) -> int:
+        pipe = self.broker.pipeline(transaction=False)
+        for key in self.keys:
+            pipe.llen(key)
+        return sum(pipe.execute())
+
+    def stop(self) -> dict:
+        """Stop sampling; the busy fraction over the full-queue beats, and every beat seen."""
+        self._halt.set()
+        self.join(10)
+        self.broker.close()
+        full = [b for b in self.beats if b["queued_before"] and b["queued"]]
+        window = busy_window(full[0], full[-1]) if len(full) >= 2 else {"busy_fraction": None}
+        return {**window, "full_queue_beats": len(full), "beats": self.beats}
+
+
+def busy_window(first: dict, last: dict) -> dict:
+    """Between two beats: seconds, seconds inside model calls, their ratio, calls, jobs/call."""
+    a, b = first["engine"], last["engine"]
+    seconds, busy = last["at"] - first["at"], b["busy_s"] - a["busy_s"]
+    calls = b["model_calls"] - a["model_calls"]
+    jobs = b["jobs_per_call"] * b["model_calls"] - a["jobs_per_call"] * a["model_calls"]
+    return {
+        "busy_fraction": busy / seconds,
+        "window_s": seconds,
+        "busy_s": busy,
+        "model_calls": calls,
+        "jobs_per_call": jobs / calls if calls else None,
+    }
 
 
 # -- results -------------------------------------------------------------------------------------
