@@ -1,11 +1,16 @@
-"""GPU: a Stable-Diffusion-1.5-architecture model at 512x512, 30 steps, fp16, on one CUDA device.
+"""GPU: a Stable-Diffusion-1.5-architecture model at 512x512, fp16, on one CUDA device.
 
 ``python -m benchmarks.gpu`` measures images/s for
-  (a) a naive loop: diffusers' ``StableDiffusionPipeline`` called once per image;
+  (a) a naive loop: diffusers' ``StableDiffusionPipeline`` called once per image, 30 steps;
   (b) the same pipeline called with batches of 8 and of 16 prompts;
-  (c) the farm: one gpu-queue worker (plus one cpu worker for postprocess) draining 64
-      txt2img jobs, one job at a time, as it does today;
-and writes benchmarks/results/gpu.json with the device, versions and every number.
+  (c) the farm with one job per model call (FARM_GPU_BATCH=1): one gpu-queue worker (plus one
+      cpu worker for postprocess) draining 64 txt2img jobs of 30 steps;
+  (d) a mixed-steps workload (steps drawn from 10-50, the same for both sides): the naive loop
+      over 32 of its jobs, and the farm draining 64 of them with the GPU engine batching up to
+      8 and up to 16 jobs per model call (FARM_GPU_BATCH=8, 16), each job at its own step;
+and writes benchmarks/results/gpu.json with the device, versions and every number, including
+each farm run's GPU-busy fraction (time inside model calls over wall time between two
+heartbeats while jobs still wait in the gpu queue).
 
 The model is SD-1.5's architecture (UNet block_out 320/640/1280/1280, cross-attention 768; the
 SD VAE; a 12-layer, 768-wide CLIP text encoder) built from config dicts here with fixed-seed
@@ -15,7 +20,8 @@ the farm's in-memory one. Random weights make meaningless pictures, not slower o
 Where it runs: a CUDA machine with this repo and its venv (torch with CUDA). Redis and
 Postgres come from the local-stack wheels (``pip install -e '.[local]'``); artifacts go to the
 filesystem store (FARM_STORAGE=fs) so no S3 server is needed there. Without CUDA it refuses;
-``--dry-run`` runs every step on the CPU with tiny shapes (64 px, 4 steps) as a smoke test.
+``--dry-run`` runs every step on the CPU with tiny shapes (64 px, 4 steps; mixed 2-6 steps,
+batches of 2 and 4) as a smoke test.
 """
 
 from __future__ import annotations
@@ -31,12 +37,22 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from benchmarks.harness import Bench, Row, print_table, ratio, wait_finished, write_result
+from benchmarks.harness import (
+    Bench,
+    EngineBeats,
+    Row,
+    print_table,
+    ratio,
+    wait_finished,
+    write_result,
+)
 
 NAME = "gpu"
 GOAL_RATIO = 0.9  # the farm should keep the GPU as busy as a naive loop does (as e2e)
+GOAL_BUSY = 0.97  # batching, with checkpoints off the critical path
 PROMPT = "a photo of a cat"
 
 
@@ -59,6 +75,9 @@ class Shape:
     batch_sizes: tuple[int, ...]
     batch_images: int
     farm_jobs: int
+    mixed_steps: tuple[int, int]  # lowest and highest, drawn uniformly with a fixed seed
+    mixed_images: int  # the naive loop's share of the mixed workload (the farm gets it twice)
+    farm_batches: tuple[int, ...]  # FARM_GPU_BATCH of the mixed farm runs
 
 
 FULL = Shape(
@@ -77,6 +96,9 @@ FULL = Shape(
     batch_sizes=(8, 16),
     batch_images=32,
     farm_jobs=64,
+    mixed_steps=(10, 50),
+    mixed_images=32,
+    farm_batches=(8, 16),
 )
 SMOKE = Shape(
     unet_channels=(32, 32, 64, 64),
@@ -94,6 +116,9 @@ SMOKE = Shape(
     batch_sizes=(2, 4),
     batch_images=4,
     farm_jobs=4,
+    mixed_steps=(2, 6),
+    mixed_images=4,
+    farm_batches=(2, 4),
 )
 
 
@@ -143,11 +168,18 @@ def run(shape: Shape, device: str) -> dict:
         pipe = load_pipeline(model, device, dtype)
         naive = run_naive(pipe, shape)
         batched = {bs: run_batched(pipe, shape, bs) for bs in shape.batch_sizes}
+        naive_mixed = run_naive_mixed(pipe, mixed_steps(shape), shape)
         del pipe
         if device == "cuda":
-            torch.cuda.empty_cache()  # the worker process gets the device's memory
-        farm = run_farm(root, model, shape)
-    return summarise(shape, device, naive, batched, farm)
+            torch.cuda.empty_cache()  # the worker processes get the device's memory
+        farms = run_farms(root, model, shape)
+    return summarise(shape, device, naive, batched, naive_mixed, farms)
+
+
+def mixed_steps(shape: Shape) -> list[int]:
+    """The mixed workload's steps, one per image: fixed, so every run renders the same."""
+    low, high = shape.mixed_steps
+    return [int(n) for n in np.random.default_rng(0).integers(low, high + 1, shape.mixed_images)]
 
 
 # -- the model -----------------------------------------------------------------------------------
@@ -254,13 +286,13 @@ def load_pipeline(folder: Path, device: str, dtype: torch.dtype):
 # -- (a) and (b): the pipeline in this process ---------------------------------------------------
 
 
-def generate(pipe, shape: Shape, batch: int, seed: int) -> None:
+def generate(pipe, shape: Shape, batch: int, seed: int, steps: int | None = None) -> None:
     generator = torch.Generator("cpu").manual_seed(seed)
     pipe(
         [PROMPT] * batch,
         height=shape.size,
         width=shape.size,
-        num_inference_steps=shape.steps,
+        num_inference_steps=steps or shape.steps,
         generator=generator,
     )
     _sync()
@@ -282,7 +314,17 @@ def run_batched(pipe, shape: Shape, batch: int) -> dict:
     started = time.perf_counter()
     for seed in range(calls):
         generate(pipe, shape, batch, seed)
-    return {"batch": batch, **_throughput(calls * batch, time.perf_counter() - started)}
+    seconds = time.perf_counter() - started
+    return {"batch": batch, "steps_per_image": shape.steps, **_throughput(calls * batch, seconds)}
+
+
+def run_naive_mixed(pipe, steps: list[int], shape: Shape) -> dict:
+    """The mixed workload one image per call, each at its own steps (already warm)."""
+    _reset_peak()
+    started = time.perf_counter()
+    for seed, count in enumerate(steps):
+        generate(pipe, shape, 1, seed, count)
+    return {**_throughput(len(steps), time.perf_counter() - started), "steps": sum(steps)}
 
 
 def _sync() -> None:
@@ -322,7 +364,9 @@ def redis_and_postgres(root: Path) -> Iterator[Bench]:
         local.down()
 
 
-def run_farm(root: Path, model: Path, shape: Shape) -> dict:
+def run_farms(root: Path, model: Path, shape: Shape) -> dict[str, dict]:
+    """One stack and cpu worker; a fresh gpu worker for each FARM_GPU_BATCH: batch 1 on the
+    uniform workload (30 steps each), then each of ``farm_batches`` on the mixed one."""
     from farm import Farm
 
     fs = {
@@ -331,43 +375,112 @@ def run_farm(root: Path, model: Path, shape: Shape) -> dict:
         "FARM_MODEL": str(model),
         "FARM_CPU_CONCURRENCY": "2",  # postprocess only; a GPU box has many cores to spare
     }
-    params = {"size": shape.size, "steps": shape.steps, "prompt": PROMPT}
-    with redis_and_postgres(root) as bench, bench.running(["cpu", "gpu"], **fs):
+    mixed = mixed_steps(shape) * (shape.farm_jobs // shape.mixed_images)
+    with redis_and_postgres(root) as bench, bench.running(["cpu"], **fs):
         farm = Farm(bench.settings(**fs))
-        warm = farm.submit(pipeline="txt2img", **params, seed=10_000)
-        wait_finished(farm.ctx.db_url, [warm.id], 1800)
+        runs = {"batch_1": run_farm(bench, farm, fs, 1, [shape.steps] * shape.farm_jobs, shape)}
+        for batch in shape.farm_batches:
+            runs[f"mixed_batch_{batch}"] = run_farm(bench, farm, fs, batch, mixed, shape)
+    return runs
+
+
+def run_farm(bench: Bench, farm, fs: dict, batch: int, steps: list[int], shape: Shape) -> dict:
+    """One gpu worker at FARM_GPU_BATCH=batch draining a job per entry of ``steps``, after a
+    warm-up of ``batch`` jobs at once; its heartbeats give the GPU-busy fraction."""
+    params = {"pipeline": "txt2img", "size": shape.size, "prompt": PROMPT}
+    with bench.running(["gpu"], **fs, FARM_GPU_BATCH=str(batch)) as gpu:
+        warm = [farm.submit(**params, steps=min(steps), seed=10_000 + i).id for i in range(batch)]
+        wait_finished(farm.ctx.db_url, warm, 1800)
+        beats = EngineBeats(bench, gpu[0].name)
+        beats.start()
         started = time.perf_counter()
-        ids = [farm.submit(pipeline="txt2img", **params, seed=i).id for i in range(shape.farm_jobs)]
-        finished = wait_finished(farm.ctx.db_url, ids, 3600, poll=0.2)
+        try:
+            ids = [farm.submit(**params, steps=n, seed=i).id for i, n in enumerate(steps)]
+            finished = wait_finished(farm.ctx.db_url, ids, 3600, poll=0.2)
+        finally:
+            engine = beats.stop()
         done = sum(1 for job_id in ids if farm.get(job_id).status() == "done")
-    return {**_throughput(shape.farm_jobs, finished - started), "done": done, "peak_gib": None}
+    return {
+        **_throughput(len(steps), finished - started),
+        "batch": batch,
+        "steps": sum(steps),
+        "done": done,
+        "peak_gib": None,
+        "engine": engine,
+    }
 
 
 # -- results -------------------------------------------------------------------------------------
 
 
-def summarise(shape: Shape, device: str, naive: dict, batched: dict, farm: dict) -> dict:
-    base = naive["images_per_s"]
-    r = ratio(farm["images_per_s"], base)
-    rows = [Row(NAME, "images/s naive loop", base, None, None, "-", None)]
-    for bs, run in batched.items():
-        ips = run["images_per_s"]
-        rows.append(Row(NAME, f"images/s batch {bs}", ips, base, ratio(ips, base), "info", None))
-    rows.append(
-        Row(NAME, f"images/s farm ({shape.farm_jobs} jobs)", farm["images_per_s"], base, r,
-            f">= {GOAL_RATIO}", r >= GOAL_RATIO)
-    )  # fmt: skip
+def summarise(
+    shape: Shape, device: str, naive: dict, batched: dict, naive_mixed: dict, farms: dict
+) -> dict:
+    base, alone = naive["images_per_s"], farms["batch_1"]
+    r = ratio(alone["images_per_s"], base)
     return {
-        "parameters": {**asdict(shape), "prompt": PROMPT, "pipeline": "txt2img"},
+        "parameters": {
+            **asdict(shape),
+            "prompt": PROMPT,
+            "pipeline": "txt2img",
+            "mixed_steps_drawn": mixed_steps(shape),
+        },
         "device": _device(device),
         "naive": naive,
         "batched": {str(bs): run for bs, run in batched.items()},
-        "farm": farm,
+        "naive_mixed": naive_mixed,
+        "farm": farms,
         "ratio": r,
-        "goal": f"farm images/s >= {GOAL_RATIO} x the naive loop",
+        "goal": f"farm (batch 1) images/s >= {GOAL_RATIO} x the naive loop; GPU-busy fraction "
+        f">= {GOAL_BUSY} when batching",
         "met": r >= GOAL_RATIO,
-        "rows": rows,
+        "rows": rows(shape, naive, batched, naive_mixed, farms),
     }
+
+
+def rows(shape: Shape, naive: dict, batched: dict, naive_mixed: dict, farms: dict) -> list[Row]:
+    base, mixed_base = naive["images_per_s"], naive_mixed["images_per_s"]
+    alone = farms["batch_1"]["images_per_s"]
+    out = [Row(NAME, "images/s naive loop", base, None, None, "-", None)]
+    for bs, run in batched.items():
+        ips = run["images_per_s"]
+        out.append(Row(NAME, f"images/s batch {bs}", ips, base, ratio(ips, base), "info", None))
+    out += [
+        Row(NAME, f"images/s farm batch 1 ({shape.farm_jobs} jobs)", alone, base,
+            ratio(alone, base), f">= {GOAL_RATIO}", ratio(alone, base) >= GOAL_RATIO),
+        Row(NAME, "images/s naive loop, mixed steps", mixed_base, None, None, "-", None),
+    ]  # fmt: skip
+    for batch in shape.farm_batches:
+        out += mixed_rows(batch, farms[f"mixed_batch_{batch}"], naive_mixed, batched.get(batch))
+    busy = farms["batch_1"]["engine"]["busy_fraction"]
+    out.append(Row(NAME, "GPU-busy fraction, farm batch 1", _nan(busy), None, None, "info", None))
+    return out
+
+
+def mixed_rows(batch: int, farm: dict, naive_mixed: dict, pipeline: dict | None) -> list[Row]:
+    """The farm at ``batch`` on the mixed workload: images/s against the naive loop on it;
+    denoising steps/s against the pipeline hand-batched at ``batch`` on the uniform workload
+    (which cannot mix steps in one call); its GPU-busy fraction."""
+    ips, base = farm["images_per_s"], naive_mixed["images_per_s"]
+    busy = farm["engine"]["busy_fraction"]
+    out = [
+        Row(NAME, f"images/s farm batch {batch}, mixed steps", ips, base, ratio(ips, base),
+            "info", None),
+        Row(NAME, f"GPU-busy fraction, farm batch {batch}, mixed", _nan(busy), None, None,
+            f">= {GOAL_BUSY}", None if busy is None else busy >= GOAL_BUSY),
+    ]  # fmt: skip
+    if pipeline is not None:
+        steps_s = farm["steps"] / farm["wall_s"]
+        hand = pipeline["images_per_s"] * pipeline["steps_per_image"]
+        out.append(
+            Row(NAME, f"steps/s farm batch {batch} mixed vs pipeline batch {batch}", steps_s,
+                hand, ratio(steps_s, hand), "info", None)
+        )  # fmt: skip
+    return out
+
+
+def _nan(value: float | None) -> float:
+    return float("nan") if value is None else value
 
 
 def _device(device: str) -> dict:
