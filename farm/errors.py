@@ -305,8 +305,15 @@ class GpuOutOfMemory(FarmError):
     code = "GPU_OUT_OF_MEMORY"
 
 
-class WorkerStopping(FarmError):
+class WorkerStopping(TransientError):
     """The worker stopped while a stage waited for its GPU engine: the stage runs again."""
 
     code = "WORKER_STOPPING"
-    retryable = True
+    service = "a gpu worker"
+
+
+class GpuMemoryShort(TransientError):
+    """The GPU ran out of memory in a job's own work beside a batch: the stage runs again."""
+
+    code = "GPU_MEMORY_SHORT"
+    service = "GPU memory"

@@ -7,6 +7,7 @@ pins to diffusers bit for bit). Workers, Redis and the records: tests/test_batch
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import threading
@@ -21,7 +22,7 @@ from safetensors.torch import load, save
 from farm import engine
 from farm.engine import PIXEL_BOUND
 from farm.engine.core import Engine
-from farm.errors import GpuOutOfMemory
+from farm.errors import GpuOutOfMemory, WorkerStopping
 from farm.models import ModelBundle, load_model
 from farm.params import RenderParams
 from farm.stages import STAGES, Artifact, NoHooks
@@ -264,3 +265,56 @@ def test_calls_waiting_at_the_same_moment_share_one_model_call(
             alone = call(bundle, index)
         assert answer is not None and answer.shape == alone.shape
         assert torch.allclose(answer, alone, atol=1e-4)
+
+
+def test_a_stopped_engine_fails_calls_instead_of_leaving_them_waiting(bundle: ModelBundle) -> None:
+    stopped = Engine(8, None)
+    wrapped = stopped.wrap(bundle)
+    latents = torch.zeros(1, 4, 32, 32)
+    waiting: list[BaseException] = []
+
+    def decode() -> None:
+        try:
+            wrapped.vae.decode(latents)
+        except WorkerStopping as exc:
+            waiting.append(exc)
+
+    thread = threading.Thread(target=decode)
+    thread.start()
+    while stopped.waiting() < 1:
+        threading.Event().wait(0.01)
+    stopped.stop()  # a call already waiting fails, retryably
+    thread.join(10)
+    assert len(waiting) == 1 and waiting[0].retryable
+    with pytest.raises(WorkerStopping):  # and so does one made afterwards
+        wrapped.vae.decode(latents)
+
+
+def test_calls_of_two_models_of_the_same_shapes_never_share(bundle: ModelBundle) -> None:
+    other = dataclasses.replace(bundle, vae=copy.deepcopy(bundle.vae))
+    with torch.no_grad():
+        for parameter in other.vae.parameters():
+            parameter.mul_(0.5)
+    decode = component_calls(bundle)["vae.decode"]
+    paused = Engine(8, None)  # both calls wait for it together, as in one tick
+    models = (paused.wrap(bundle), paused.wrap(other))
+    answers: list[torch.Tensor | None] = [None, None]
+
+    def one(index: int) -> None:
+        answers[index] = decode(models[index], 0)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        while paused.waiting() < 2:
+            threading.Event().wait(0.01)
+        paused.start()
+        for thread in threads:
+            thread.join(60)
+    finally:
+        paused.stop()
+    assert paused.model_calls == 2  # one per model
+    with torch.no_grad():
+        assert torch.allclose(answers[0], decode(bundle, 0), atol=1e-5)
+        assert torch.allclose(answers[1], decode(other, 0), atol=1e-5)

@@ -41,6 +41,14 @@ def start(cap: int, meta: Metadata | None) -> Engine:
         return _engine
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error (torch.OutOfMemoryError), told without importing torch."""
+    return any(
+        cls.__name__ == "OutOfMemoryError" and cls.__module__.startswith("torch")
+        for cls in type(exc).__mro__
+    )
+
+
 def current() -> Engine | None:
     return _engine
 

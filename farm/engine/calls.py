@@ -30,6 +30,7 @@ import torch
 from diffusers.models.autoencoders.vae import DecoderOutput, DiagonalGaussianDistribution
 from diffusers.models.modeling_outputs import AutoencoderKLOutput
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from farm.models import ModelBundle
 
@@ -56,6 +57,10 @@ class Call:
         return other is self or (
             self.key is not None and self.name == other.name and self.key == other.key
         )
+
+    @property
+    def settled(self) -> bool:
+        return self._done.is_set()
 
     @property
     def size(self) -> int:
@@ -99,9 +104,10 @@ def out_of_memory_message(call: Call) -> str:
 # -- the components ----------------------------------------------------------------------------
 
 
-def _shape_key(*tensors: torch.Tensor) -> tuple:
-    """What must match for rows to be concatenated: shapes past the batch, dtypes, layouts."""
-    return tuple((tuple(t.shape[1:]), t.dtype, _channels_last(t)) for t in tensors)
+def _shape_key(module: Any, *tensors: torch.Tensor) -> tuple:
+    """What must match for rows to be concatenated: the module itself (one model), and the
+    shapes past the batch, dtypes and layouts of its inputs."""
+    return (id(module), *((tuple(t.shape[1:]), t.dtype, _channels_last(t)) for t in tensors))
 
 
 def _channels_last(tensor: torch.Tensor) -> bool:
@@ -134,6 +140,7 @@ class UNet(_Proxy):
         self, sample, timestep, encoder_hidden_states=None, return_dict: bool = True, **extra
     ):
         unet = self._module
+        extra = {name: value for name, value in extra.items() if value is not None}
 
         def alone():
             return unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
@@ -148,7 +155,7 @@ class UNet(_Proxy):
                 sample.shape[0],
             )
         )
-        key = _shape_key(sample, encoder_hidden_states) if batchable else None
+        key = _shape_key(unet, sample, encoder_hidden_states) if batchable else None
         rows = (sample, timesteps.float().expand(sample.shape[0]), encoder_hidden_states)
         call = Call("unet", key, alone, rows, self._batched, loops=True)
         noise = self._engine.submit(call)
@@ -163,7 +170,7 @@ class UNet(_Proxy):
 class Vae(_Proxy):
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         vae = self._module
-        call = Call("vae.encode", _shape_key(x), lambda: vae.encode(x).latent_dist, (x,))
+        call = Call("vae.encode", _shape_key(vae, x), lambda: vae.encode(x).latent_dist, (x,))
         call.batched = self._encode_batched
         dist = self._engine.submit(call)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
@@ -178,7 +185,7 @@ class Vae(_Proxy):
         def alone():
             return vae.decode(z, return_dict=False, **extra)[0]
 
-        call = Call("vae.decode", None if extra else _shape_key(z), alone, (z,))
+        call = Call("vae.decode", None if extra else _shape_key(vae, z), alone, (z,))
         call.batched = self._decode_batched
         image = self._engine.submit(call)
         return DecoderOutput(sample=image) if return_dict else (image,)
@@ -189,8 +196,8 @@ class Vae(_Proxy):
 
 
 class TextEncoder(_Proxy):
-    """``text_encoder(input_ids, attention_mask=...)`` as encode_prompt makes it: the hidden
-    states and pooled output come back as a tuple (encode_prompt reads ``[0]``)."""
+    """``text_encoder(input_ids, attention_mask=...)`` as encode_prompt makes it: its rows of
+    the hidden states and the pooled output."""
 
     def __call__(self, input_ids: torch.Tensor, attention_mask=None, **extra):
         encoder = self._module
@@ -199,14 +206,17 @@ class TextEncoder(_Proxy):
             return encoder(input_ids, attention_mask=attention_mask, **extra)
 
         batchable = not extra and attention_mask is None
-        key = _shape_key(input_ids) if batchable else None
+        key = _shape_key(encoder, input_ids) if batchable else None
         call = Call("text_encoder", key, alone, (input_ids,), self._batched)
         return self._engine.submit(call)
 
-    def _batched(self, tick: list[Call]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    def _batched(self, tick: list[Call]) -> list[BaseModelOutputWithPooling]:
         out = self._module(_cat([c.rows[0] for c in tick]))
         hidden, pooled = _split(out[0], tick), _split(out[1], tick)
-        return list(zip(hidden, pooled, strict=True))
+        return [
+            BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=p)
+            for h, p in zip(hidden, pooled, strict=True)
+        ]
 
 
 def wrap(bundle: ModelBundle, engine: Engine) -> ModelBundle:

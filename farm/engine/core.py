@@ -48,6 +48,7 @@ class Member:
     calls: int = 0  # batched model calls it took part in
     jobs_in_calls: int = 0  # jobs in those calls, summed (itself included)
     looping: bool = False  # between two UNet calls of a denoise loop
+    last: tuple = ()  # (component, key) of its last answered call
     waiting: Call | None = field(default=None, repr=False)
 
     @property
@@ -98,6 +99,7 @@ class Engine(threading.Thread):
         member = Member(job_id, stage, self.reporter)
         with self._cond:
             self._members.add(member)
+        self.reporter.watch(job_id)
         self._local.member = member
         try:
             yield member
@@ -112,6 +114,8 @@ class Engine(threading.Thread):
         """Queue ``call`` for a tick and wait for its answer (from a job's thread)."""
         call.member = getattr(self._local, "member", None) or Member("", "", self.reporter)
         with self._cond:
+            if self._stopped:
+                raise WorkerStopping("the gpu worker is shutting down; the stage runs again")
             call.member.waiting = call
             self._waiting.append(call)
             self._cond.notify_all()
@@ -132,14 +136,19 @@ class Engine(threading.Thread):
         }
 
     def stop(self) -> None:
-        """Stop after the current tick; calls still waiting fail (their stages run again)."""
+        """Stop after the current tick; calls waiting then, or later, fail with the retryable
+        WORKER_STOPPING (their stages run again)."""
         with self._cond:
             self._stopped = True
-            left, self._waiting = self._waiting, []
             self._cond.notify_all()
-        for call in left:
-            call.fail(WorkerStopping("the gpu worker is shutting down"))
+        self._fail_waiting()
         self.reporter.stop()
+
+    def _fail_waiting(self) -> None:
+        with self._cond:
+            left, self._waiting = self._waiting, []
+        for call in left:
+            call.fail(WorkerStopping("the gpu worker is shutting down; the stage runs again"))
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -150,12 +159,21 @@ class Engine(threading.Thread):
 
     def run(self) -> None:
         self.reporter.start()
-        while (tick := self._next_tick()) is not None:
-            try:
-                self._run(tick)
-            except BaseException as exc:  # the loop outlives any tick: no job waits forever
-                log.exception("engine tick failed")
-                for call in tick:
+        try:
+            while (tick := self._next_tick()) is not None:
+                self._run_safely(tick)
+        finally:  # however the loop ends, no job is left waiting for it
+            with self._cond:
+                self._stopped = True
+            self._fail_waiting()
+
+    def _run_safely(self, tick: list[Call]) -> None:
+        try:
+            self._run(tick)
+        except Exception as exc:  # the loop outlives any tick: no job waits forever
+            log.exception("engine tick failed")
+            for call in tick:
+                if not call.settled:
                     call.fail(exc)
 
     def _next_tick(self) -> list[Call] | None:
@@ -167,11 +185,16 @@ class Engine(threading.Thread):
             deadline = time.monotonic() + min(MAX_STRAGGLER_WAIT_S, self._tick_s / 2)
             while self._stragglers() and (left := deadline - time.monotonic()) > 0:
                 self._cond.wait(left)
-            return self._take()
+            return self._take() if self._waiting else None
 
     def _stragglers(self) -> bool:
-        """Jobs in a denoise loop that have not asked for their next UNet call yet."""
-        return any(m.looping and m.waiting is None for m in self._members)
+        """Jobs in a denoise loop that have not yet asked for their next call, which could
+        share the coming tick (same component and shapes, and room under the cap)."""
+        oldest = self._waiting[0] if self._waiting else None
+        if oldest is None or sum(oldest.shares_with(c) for c in self._waiting) >= self.cap:
+            return False
+        coming = (oldest.name, oldest.key)
+        return any(m.looping and m.waiting is None and m.last == coming for m in self._members)
 
     def _take(self) -> list[Call]:
         oldest = self._waiting[0]
@@ -183,6 +206,7 @@ class Engine(threading.Thread):
 
     def _run(self, tick: list[Call]) -> None:
         self.reporter.tick()  # last tick's progress goes out while this one computes
+        out_of_memory = False
         try:
             self._inject_faults(tick)
             started = time.perf_counter()
@@ -191,8 +215,7 @@ class Engine(threading.Thread):
             if torch.cuda.is_available():  # the call's real time: its answers are needed next
                 torch.cuda.synchronize()
         except torch.OutOfMemoryError:
-            self._out_of_memory(tick)
-            return
+            out_of_memory = True  # handled below, once the failed call's tensors are freed
         except Exception:
             if len(tick) == 1:
                 tick[0].fail_with_current()
@@ -200,6 +223,9 @@ class Engine(threading.Thread):
             log.exception("a batched %s call failed; running its calls one by one", tick[0].name)
             for call in tick:
                 self._run([call])
+            return
+        if out_of_memory:
+            self._out_of_memory(tick)
             return
         took = time.perf_counter() - started
         self.busy_s += took
@@ -216,6 +242,7 @@ class Engine(threading.Thread):
             call.member.calls += 1
             call.member.jobs_in_calls += len(tick)
             call.member.looping = call.loops
+            call.member.last = (call.name, call.key)
         self._good_ticks += 1
         if self.cap < self.limit and self._good_ticks >= GROW_AFTER:
             self.cap, self._good_ticks = min(self.limit, self.cap * 2), 0
@@ -235,9 +262,13 @@ class Engine(threading.Thread):
         self.lowest_cap = min(self.lowest_cap, self.cap)
         log.warning("GPU out of memory with %d jobs in a call; cap now %d", len(tick), self.cap)
         with self._cond:
-            for call in tick:
-                call.member.waiting = call
-            self._waiting[:0] = tick  # still the oldest: they run next
+            if not self._stopped:
+                for call in tick:
+                    call.member.waiting = call
+                self._waiting[:0] = tick  # still the oldest: they run next
+                return
+        for call in tick:
+            call.fail(WorkerStopping("the gpu worker is shutting down; the stage runs again"))
 
     def _inject_faults(self, tick: list[Call]) -> None:
         """Test hooks (FARM_FAULT_INJECTION=1), comma-separated: ``oom:N`` raises CUDA's

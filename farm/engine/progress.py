@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import Counter
 
 from farm.errors import MetadataError, RedisAuthError
 from farm.storage.metadata import Metadata
@@ -24,7 +25,7 @@ class Reporter(threading.Thread):
         self.meta = meta
         self._lock = threading.Lock()
         self._reports: dict[str, dict[str, str | int | float]] = {}
-        self._watched: set[str] = set()  # jobs with a stage in the engine
+        self._watched: Counter[str] = Counter()  # jobs with stages in the engine: how many
         self._cancelled: set[str] = set()
         self._wake = threading.Event()
         self._stopped = False
@@ -33,12 +34,23 @@ class Reporter(threading.Thread):
         """Leave ``fields`` for the next round trip; whether the job was cancelled, as known."""
         with self._lock:
             self._reports[job_id] = fields
-            self._watched.add(job_id)
             return job_id in self._cancelled
 
-    def forget(self, job_id: str) -> None:
+    def watch(self, job_id: str) -> None:
+        """A stage of the job entered the engine: read its cancel flag on every round trip."""
         with self._lock:
-            self._watched.discard(job_id)
+            self._watched[job_id] += 1
+
+    def forget(self, job_id: str) -> None:
+        """A stage of the job left. When its last one has, its progress not yet written is
+        dropped (the stage that follows writes its own) and so is what is known of its cancel
+        flag (a resumed job starts afresh)."""
+        with self._lock:
+            self._watched[job_id] -= 1
+            if self._watched[job_id] <= 0:
+                del self._watched[job_id]
+                self._reports.pop(job_id, None)
+                self._cancelled.discard(job_id)
 
     def tick(self) -> None:
         self._wake.set()
@@ -53,12 +65,16 @@ class Reporter(threading.Thread):
             self._wake.clear()
             if self._stopped:
                 return
-            self._round_trip()
+            try:
+                self._round_trip()
+            except Exception:  # this thread must outlive any Redis answer: cancels depend on it
+                log.exception("progress round trip failed")
 
     def _round_trip(self) -> None:
         with self._lock:
             reports, self._reports = self._reports, {}
             watched = sorted(self._watched)
+            self._cancelled &= set(watched)
         if self.meta is None or not (reports or watched):
             return
         try:
@@ -67,4 +83,4 @@ class Reporter(threading.Thread):
             log.debug("progress of %d jobs skipped: %s", len(reports), exc)
             return
         with self._lock:
-            self._cancelled = cancelled
+            self._cancelled = cancelled & set(self._watched)

@@ -20,6 +20,7 @@ from farm.errors import (
     ArtifactCorrupt,
     ArtifactMissing,
     FarmError,
+    GpuMemoryShort,
     InputMissing,
     JobCancelled,
     LeaseLost,
@@ -224,7 +225,16 @@ class StageRun:
         inputs = self._load_inputs(op)
         model = models.load(pipeline, op.model, self.ctx.settings) if op.model else None
         with engine.joined(self.job_id, self.stage, model) as (model, self.member):
-            return op.run(inputs, params, model, Hooks(self))
+            try:
+                return op.run(inputs, params, model, Hooks(self))
+            except Exception as exc:
+                if self.member is not None and engine.is_out_of_memory(exc):
+                    # Out of memory in the job's own work (its scheduler step) while the
+                    # batch beside it held the GPU: not this job's fault; it runs again.
+                    raise GpuMemoryShort(
+                        f"{self.stage} ran out of GPU memory beside a batch"
+                    ) from exc
+                raise
 
     def _load_inputs(self, op: Stage):
         """The submitted input (first stages), the one artifact a stage reads, or, for a join,

@@ -79,9 +79,10 @@ def _start(sender, **_: object) -> None:
     _beat.start()
     if "gpu" in queues:
         _warm_model()
-        if sender.app.conf.worker_pool == "threads":  # its threads are the jobs it batches
+        pool = sender.pool  # its threads are the jobs it batches (worker_configs/gpu.py)
+        if type(pool).__module__ == "celery.concurrency.thread":
             ctx = context.current()
-            engine.start(ctx.settings.gpu_batch, ctx.meta)
+            engine.start(pool.limit or ctx.settings.gpu_batch, ctx.meta)
 
 
 @signals.worker_shutdown.connect
