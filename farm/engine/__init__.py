@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 # The largest difference, in 8-bit levels of any pixel channel, between a job rendered in a
 # batch and the same job alone: batched kernels round differently. Measured by
-# benchmarks/batch_bound.py (README, "Batching and reproducibility"); tests compare within it.
+# benchmarks/batch_bound.py (README, "GPU batching", Reproducibility); tests compare within it.
 PIXEL_BOUND = 2
 
 _engine: Engine | None = None
