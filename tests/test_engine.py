@@ -236,29 +236,36 @@ def component_calls(bundle: ModelBundle) -> dict[str, object]:
     }
 
 
-@pytest.mark.parametrize("component", ["vae.encode", "vae.decode", "text_encoder"])
-def test_calls_waiting_at_the_same_moment_share_one_model_call(
-    bundle: ModelBundle, component: str
-) -> None:
-    call = component_calls(bundle)[component]
-    paused = Engine(8, None)  # not started yet: the four calls wait for it together
-    wrapped = paused.wrap(bundle)
-    answers: list[torch.Tensor | None] = [None] * 4
+def all_waiting_then_run(paused: Engine, calls: list) -> list[torch.Tensor]:
+    """Each call on its own thread; the engine starts once all of them wait for it, so they
+    meet in one tick as far as they can share one."""
+    answers: list[torch.Tensor] = [None] * len(calls)  # type: ignore[list-item]
 
     def one(index: int) -> None:
-        answers[index] = call(wrapped, index)
+        answers[index] = calls[index]()
 
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
     for thread in threads:
         thread.start()
     try:
-        while paused.waiting() < 4:
+        while paused.waiting() < len(calls):
             threading.Event().wait(0.01)
         paused.start()
         for thread in threads:
             thread.join(60)
     finally:
         paused.stop()
+    return answers
+
+
+@pytest.mark.parametrize("component", ["vae.encode", "vae.decode", "text_encoder"])
+def test_calls_waiting_at_the_same_moment_share_one_model_call(
+    bundle: ModelBundle, component: str
+) -> None:
+    call = component_calls(bundle)[component]
+    paused = Engine(8, None)
+    wrapped = paused.wrap(bundle)
+    answers = all_waiting_then_run(paused, [lambda i=i: call(wrapped, i) for i in range(4)])
     assert (paused.model_calls, paused.jobs_in_calls) == (1, 4)
     for index, answer in enumerate(answers):
         with torch.no_grad():
@@ -296,24 +303,9 @@ def test_calls_of_two_models_of_the_same_shapes_never_share(bundle: ModelBundle)
         for parameter in other.vae.parameters():
             parameter.mul_(0.5)
     decode = component_calls(bundle)["vae.decode"]
-    paused = Engine(8, None)  # both calls wait for it together, as in one tick
+    paused = Engine(8, None)
     models = (paused.wrap(bundle), paused.wrap(other))
-    answers: list[torch.Tensor | None] = [None, None]
-
-    def one(index: int) -> None:
-        answers[index] = decode(models[index], 0)
-
-    threads = [threading.Thread(target=one, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    try:
-        while paused.waiting() < 2:
-            threading.Event().wait(0.01)
-        paused.start()
-        for thread in threads:
-            thread.join(60)
-    finally:
-        paused.stop()
+    answers = all_waiting_then_run(paused, [lambda m=m: decode(m, 0) for m in models])
     assert paused.model_calls == 2  # one per model
     with torch.no_grad():
         assert torch.allclose(answers[0], decode(bundle, 0), atol=1e-5)
