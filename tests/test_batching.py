@@ -60,11 +60,15 @@ def stage_of(job, name: str):
 
 
 def engine_stats(meta, worker, after: float) -> dict:
-    """The worker's engine counters, from its first heartbeat after ``after``."""
+    """The worker's engine counters, from its first heartbeat after ``after`` that has them."""
     beats: list[dict] = []
 
-    def fresh() -> bool:
-        beats[:] = [w for w in meta.workers() if w["name"] == worker.name and w["at"] > after]
+    def fresh() -> bool:  # the worker beats before its model is warm and its engine runs
+        beats[:] = [
+            w
+            for w in meta.workers()
+            if w["name"] == worker.name and w["at"] > after and "engine" in w
+        ]
         return bool(beats)
 
     wait_until(fresh, 30, "a heartbeat of the gpu worker")
