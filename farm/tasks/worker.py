@@ -92,7 +92,7 @@ def _stop(**_: object) -> None:
     engine.stop()
 
 
-def _engine_stats() -> dict[str, int | float]:
+def _engine_stats() -> dict[str, dict[str, int | float]]:
     """The engine's model calls and jobs per call, for `farm workers` and the benchmarks."""
     running = engine.current()
     return {"engine": running.stats()} if running else {}
