@@ -103,11 +103,16 @@ def _answers(base: str) -> bool:
         return False
 
 
-def same_render(png: bytes, reference: bytes) -> bool:
+def pixels(png: bytes) -> np.ndarray:
+    """RGB pixels, signed, so that two pictures can be subtracted."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
+
+
+def within_bound(a: np.ndarray, b: np.ndarray) -> bool:
     """The same picture up to batching: same size, every channel within farm.engine.PIXEL_BOUND
     (a job rendered in a batch and alone round differently; alone they are bit-exact)."""
-    a, b = (
-        np.asarray(Image.open(io.BytesIO(p)).convert("RGB")).astype(np.int16)
-        for p in (png, reference)
-    )
     return a.shape == b.shape and int(np.abs(a - b).max()) <= PIXEL_BOUND
+
+
+def same_render(png: bytes, reference: bytes) -> bool:
+    return within_bound(pixels(png), pixels(reference))

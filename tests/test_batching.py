@@ -8,19 +8,15 @@ is compared with the same job rendered alone in this process, within the documen
 
 from __future__ import annotations
 
-import io
 import json
 import time
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from farm.engine import PIXEL_BOUND
 from farm.models import load_model
 from farm.params import RenderParams
 from farm.tasks import faults
-from tests.helpers import sample_png, wait_for_step, wait_until
+from tests.helpers import pixels, sample_png, wait_for_step, wait_until, within_bound
 from tests.test_cli import run_farm
 from tests.test_engine import mixed_jobs, render_alone
 
@@ -42,17 +38,13 @@ def bundle(settings):
     return load_model(None, settings.data_dir, device="cpu")
 
 
-def pixels(png: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.int16)
-
-
 def assert_as_alone(job, data: bytes, params: dict, bundle) -> None:
     """Done, one done record per stage, and its pixels within the bound of a solo render."""
     info = job.wait(timeout=240)
     assert info.status == "done", (info.error_code, info.error_message)
     assert all(stage.status == "done" for stage in job.stages())
     alone = render_alone(data, RenderParams.from_dict(params), bundle)
-    assert int(np.abs(pixels(job.result()) - alone).max()) <= PIXEL_BOUND
+    assert within_bound(pixels(job.result()), alone)
 
 
 def stage_of(job, name: str):

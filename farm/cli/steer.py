@@ -75,10 +75,8 @@ def _stage_table(stages: list) -> Table:
 
 def _model_calls(stage) -> str:
     """The batched model calls and the mean number of jobs in each: ``12 TIMES 3.4 jobs``."""
-    if stage.model_calls is None:
+    if stage.model_calls is None:  # recorded together with jobs_per_call
         return ""
-    if stage.jobs_per_call is None:
-        return str(stage.model_calls)
     return f"{stage.model_calls} {TIMES} {stage.jobs_per_call:.1f} jobs"
 
 

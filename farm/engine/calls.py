@@ -21,7 +21,6 @@ differently, by the bound the README states.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -73,10 +72,6 @@ class Call:
     def fail(self, error: BaseException) -> None:
         self._error = error
         self._done.set()
-
-    def fail_with_current(self) -> None:
-        """Hand the exception being handled on the engine's thread to the job's thread."""
-        self.fail(sys.exc_info()[1])
 
     def wait(self) -> Any:
         self._done.wait()
@@ -146,15 +141,8 @@ class UNet(_Proxy):
             return unet(sample, timestep, encoder_hidden_states, return_dict=False, **extra)[0]
 
         timesteps = torch.as_tensor(timestep, device=sample.device).reshape(-1)
-        batchable = (
-            not extra
-            and encoder_hidden_states is not None
-            and timesteps.numel()
-            in (
-                1,
-                sample.shape[0],
-            )
-        )
+        one_per_row = timesteps.numel() in (1, sample.shape[0])
+        batchable = not extra and encoder_hidden_states is not None and one_per_row
         key = _shape_key(unet, sample, encoder_hidden_states) if batchable else None
         rows = (sample, timesteps.float().expand(sample.shape[0]), encoder_hidden_states)
         call = Call("unet", key, alone, rows, self._batched, loops=True)
@@ -170,8 +158,10 @@ class UNet(_Proxy):
 class Vae(_Proxy):
     def encode(self, x: torch.Tensor, return_dict: bool = True):
         vae = self._module
-        call = Call("vae.encode", _shape_key(vae, x), lambda: vae.encode(x).latent_dist, (x,))
-        call.batched = self._encode_batched
+        key = _shape_key(vae, x)
+        call = Call(
+            "vae.encode", key, lambda: vae.encode(x).latent_dist, (x,), self._encode_batched
+        )
         dist = self._engine.submit(call)
         return AutoencoderKLOutput(latent_dist=dist) if return_dict else (dist,)
 
@@ -185,8 +175,8 @@ class Vae(_Proxy):
         def alone():
             return vae.decode(z, return_dict=False, **extra)[0]
 
-        call = Call("vae.decode", None if extra else _shape_key(vae, z), alone, (z,))
-        call.batched = self._decode_batched
+        key = None if extra else _shape_key(vae, z)
+        call = Call("vae.decode", key, alone, (z,), self._decode_batched)
         image = self._engine.submit(call)
         return DecoderOutput(sample=image) if return_dict else (image,)
 

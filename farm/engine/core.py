@@ -115,7 +115,7 @@ class Engine(threading.Thread):
         call.member = getattr(self._local, "member", None) or Member("", "", self.reporter)
         with self._cond:
             if self._stopped:
-                raise WorkerStopping("the gpu worker is shutting down; the stage runs again")
+                raise _stopping()
             call.member.waiting = call
             self._waiting.append(call)
             self._cond.notify_all()
@@ -148,7 +148,7 @@ class Engine(threading.Thread):
         with self._cond:
             left, self._waiting = self._waiting, []
         for call in left:
-            call.fail(WorkerStopping("the gpu worker is shutting down; the stage runs again"))
+            call.fail(_stopping())
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -216,9 +216,9 @@ class Engine(threading.Thread):
                 torch.cuda.synchronize()
         except torch.OutOfMemoryError:
             out_of_memory = True  # handled below, once the failed call's tensors are freed
-        except Exception:
+        except Exception as exc:
             if len(tick) == 1:
-                tick[0].fail_with_current()
+                tick[0].fail(exc)
                 return
             log.exception("a batched %s call failed; running its calls one by one", tick[0].name)
             for call in tick:
@@ -262,13 +262,12 @@ class Engine(threading.Thread):
         self.lowest_cap = min(self.lowest_cap, self.cap)
         log.warning("GPU out of memory with %d jobs in a call; cap now %d", len(tick), self.cap)
         with self._cond:
-            if not self._stopped:
-                for call in tick:
-                    call.member.waiting = call
-                self._waiting[:0] = tick  # still the oldest: they run next
-                return
-        for call in tick:
-            call.fail(WorkerStopping("the gpu worker is shutting down; the stage runs again"))
+            for call in tick:
+                call.member.waiting = call
+            self._waiting[:0] = tick  # still the oldest: they run next
+            stopped = self._stopped
+        if stopped:  # stop() emptied the queue before they came back
+            self._fail_waiting()
 
     def _inject_faults(self, tick: list[Call]) -> None:
         """Test hooks (FARM_FAULT_INJECTION=1), comma-separated: ``oom:N`` raises CUDA's
@@ -281,3 +280,7 @@ class Engine(threading.Thread):
                 raise torch.OutOfMemoryError(f"injected: {len(tick)} jobs in one call")
             if action.startswith("stall:"):
                 time.sleep(float(action[6:]))
+
+
+def _stopping() -> WorkerStopping:
+    return WorkerStopping("the gpu worker is shutting down; the stage runs again")
