@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import io
+import sys
 import threading
 from collections.abc import Iterator
 
@@ -310,3 +311,34 @@ def test_calls_of_two_models_of_the_same_shapes_never_share(bundle: ModelBundle)
     with torch.no_grad():
         assert torch.allclose(answers[0], decode(bundle, 0), atol=1e-5)
         assert torch.allclose(answers[1], decode(other, 0), atol=1e-5)
+
+
+def test_job_threads_tokenizing_at_once_keep_their_own_padding(
+    bundle: ModelBundle, running: Engine
+) -> None:
+    """encode_prompt pads a prompt to 77 tokens after probing it with padding="longest"; on
+    a shared fast tokenizer another thread's probe could change the first one's padding."""
+    tokenizer = running.wrap(bundle).tokenizer
+    wrong: list[int] = []
+
+    def padded() -> None:
+        for _ in range(3000):
+            ids = tokenizer("a cat", padding="max_length", max_length=77, truncation=True)
+            if len(ids.input_ids) != 77:
+                wrong.append(len(ids.input_ids))
+
+    def probing() -> None:
+        for _ in range(3000):
+            tokenizer("a painting of a cat", padding="longest")
+
+    switching = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch between every few bytecodes: races show
+    try:
+        threads = [threading.Thread(target=padded), threading.Thread(target=probing)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+    finally:
+        sys.setswitchinterval(switching)
+    assert wrong == []

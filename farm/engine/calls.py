@@ -209,10 +209,27 @@ class TextEncoder(_Proxy):
         ]
 
 
+class Tokenizer(_Proxy):
+    """One tokenization at a time. A fast (Rust) tokenizer sets padding and truncation on its
+    shared backend before each encode, so two job threads tokenizing at once pad each other's
+    prompts: encode_prompt's "longest" probe made a negative prompt 2 tokens long, not 77."""
+
+    def __init__(self, module: Any, engine: Engine) -> None:
+        super().__init__(module, engine)
+        self._lock = threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self._module(*args, **kwargs)
+
+
 def wrap(bundle: ModelBundle, engine: Engine) -> ModelBundle:
+    """The bundle as job threads share it: model calls through the engine, the tokenizer
+    one call at a time."""
     return dataclasses.replace(
         bundle,
         unet=UNet(bundle.unet, engine),
         vae=Vae(bundle.vae, engine),
         text_encoder=TextEncoder(bundle.text_encoder, engine),
+        tokenizer=Tokenizer(bundle.tokenizer, engine),
     )
