@@ -57,6 +57,10 @@ def rendering(farm_env: dict[str, str], folder: Path, out: Path, *options: str):
             render.wait()
 
 
+def denoising(farm) -> bool:
+    return any(job.current_stage == "denoise" for job in farm.jobs(status="running"))
+
+
 def finish(render: subprocess.Popen, log: Path) -> str:
     try:
         render.wait(timeout=240)
@@ -68,16 +72,23 @@ def finish(render: subprocess.Popen, log: Path) -> str:
 @pytest.mark.timeout(600)  # eight renders on a shared machine, an outage, the recovery
 @pytest.mark.parametrize("service", ["postgres", "redis", "s3"])
 def test_render_rides_out_a_server_killed_under_it(
-    service, farm_env, running, local_stack, tmp_path
+    service, farm, meta, farm_env, running, local_stack, tmp_path
 ) -> None:
     hue = {"postgres": 150, "redis": 160, "s3": 170}[service]  # no input rendered before
     folder, out = folder_of(tmp_path, 8, hue), tmp_path / "out"
-    with rendering(farm_env, folder, out, *RENDER, "--seed", str(hue)) as (render, log):
-        wait_until(lambda: any(out.glob("*.png")), 120, "the first output")
-        local_stack.kill_service(service)
-        time.sleep(8)
-        local_stack.start_service(service)
-        output = finish(render, log)
+    # The gpu worker batches the eight, so they finish together: the server dies while they
+    # denoise, each tick slowed so that the denoise outlasts the outage.
+    faults.arm_engine(meta, "stall:1")
+    try:
+        with rendering(farm_env, folder, out, *RENDER, "--seed", str(hue)) as (render, log):
+            wait_until(lambda: denoising(farm), 120, "the batch to denoise")
+            local_stack.kill_service(service)
+            time.sleep(8)
+            local_stack.start_service(service)
+            faults.disarm_engine(meta)
+            output = finish(render, log)
+    finally:
+        faults.disarm_engine(meta)
     assert render.returncode == 0, output
     assert sorted(p.name for p in out.iterdir()) == [f"img{i}.png" for i in range(8)]
     name = SERVICE_NAMES[service]
