@@ -13,6 +13,7 @@ from farm.fanout import FANOUT
 from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageFn, linear
 from farm.schema import RenderSchema
 from farm.storage.kinds import INPUT
+from farm.upscale import UPSCALE
 
 
 def _lazy(module: str, function: str = "run") -> StageFn:
@@ -79,4 +80,4 @@ NOOP = linear(
     help="Six stages that do nothing: what the farm itself costs per stage.",
 )
 
-BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, FANOUT)
+BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, FANOUT, UPSCALE)

@@ -38,7 +38,7 @@ from farm.params import (
     show,
 )
 
-__all__ = ["Param", "Params", "RenderSchema", "Schema", "params_digest"]
+__all__ = ["Param", "Params", "RenderSchema", "RenderWith", "Schema", "params_digest"]
 
 _KINDS = {str: "str", int: "int", float: "float", bool: "bool"}
 _BOOL_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -240,36 +240,99 @@ def _render_range(name: str) -> tuple[type, float | None, float | None, bool]:
 
 @dataclass(frozen=True)
 class RenderSchema:
-    """Schema's interface over RenderParams, which stays the one place its rules live."""
+    """Schema's interface over RenderParams, which stays the one place its rules live.
+
+    ``extra``: a pipeline's own parameters beside the render ones (upscale's ``scale``,
+    narrated's ``voice``), validated like a Schema's; ``check`` then sees them all. A stage
+    then gets a ``RenderWith``: the render parameters and the extra ones, read alike.
+    ``defaults``: render parameters whose default differs for this pipeline (upscale's
+    ``strength``)."""
 
     img2img: bool = False  # also refuse steps x strength that leaves no denoising step
+    extra: tuple[Param, ...] = ()
+    defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)  # render ones
+    check: Callable[[Any], None] | None = None
     params: ClassVar[tuple[Param, ...]] = tuple(
         map(_render_param, dataclasses.fields(RenderParams))
     )
 
+    def __post_init__(self) -> None:
+        clash = sorted(set(_names(self.extra)) & set(_names(self.params)))
+        if clash:
+            raise ValueError(f"extra parameters {', '.join(clash)} are render parameters")
+        Schema(self.extra)  # the same rules for their names
+
+    @property
+    def all_params(self) -> tuple[Param, ...]:
+        return self.params + self.extra
+
     def validate(self, raw: Mapping[str, object]) -> dict[str, object]:
-        render = RenderParams.from_dict(raw)
+        fields = {**self.defaults, **check_mapping(raw)}
+        extra_names = _names(self.extra)
+        check_keys(fields, _names(self.all_params))
+        render = RenderParams.from_dict({k: v for k, v in fields.items() if k not in extra_names})
         if self.img2img:
             render.img2img_steps()
-        return render.to_dict()
+        extra = Schema(self.extra).validate({k: fields[k] for k in extra_names if k in fields})
+        canonical = {**render.to_dict(), **extra}
+        if self.check is not None:
+            Schema(check=self.check)._run_check(self.bind_unchecked(canonical))
+        return canonical
 
     def parse_cli(self, pairs: Sequence[str]) -> dict[str, object]:
         """Typed but not yet validated as a whole: ``size`` stays text when it is ``WxH``."""
-        given = _split_pairs(pairs, _names(self.params))
-        by_name = {p.name: p for p in self.params}
+        given = _split_pairs(pairs, _names(self.all_params))
+        by_name = {p.name: p for p in self.all_params}
         return {
             name: text if name == "size" and "x" in text.lower() else by_name[name].parse(text)
             for name, text in given.items()
         }
 
-    def bind(self, canonical: Mapping[str, object]) -> RenderParams:
-        return RenderParams.from_dict(canonical)
+    def bind(self, canonical: Mapping[str, object]) -> Any:
+        """RenderParams; with extra parameters, a RenderWith of both."""
+        return self.bind_unchecked(self.validate(canonical) if self.extra else canonical)
+
+    def bind_unchecked(self, canonical: Mapping[str, object]) -> Any:
+        extra_names = _names(self.extra)
+        render = RenderParams.from_dict(
+            {k: v for k, v in canonical.items() if k not in extra_names}
+        )
+        if not self.extra:
+            return render
+        return RenderWith(render, {k: canonical[k] for k in extra_names})
 
     def describe(self) -> list[dict[str, Any]]:
-        return [p.describe() for p in self.params]
+        own = [
+            dataclasses.replace(p, default=self.defaults.get(p.name, p.default))
+            for p in self.params
+        ]
+        return [p.describe() for p in (*own, *self.extra)]
 
     def digest(self, canonical: Mapping[str, object]) -> str:
         return params_digest(canonical)
+
+
+class RenderWith(Params):
+    """A pipeline's own parameters (``params.scale``) and the render ones (``params.seed``,
+    and RenderParams' methods) on one object, so the Stable Diffusion stages take it as they
+    take RenderParams. ``render`` is the RenderParams alone."""
+
+    __slots__ = ("render",)
+
+    def __init__(self, render: RenderParams, extra: Mapping[str, object]) -> None:
+        super().__init__(extra)
+        object.__setattr__(self, "render", render)
+
+    def __getattr__(self, name: str) -> object:
+        if not name.startswith("_") and name in self._values:
+            return self._values[name]
+        return getattr(self.render, name)
+
+    def __reduce__(self) -> tuple[type[RenderWith], tuple[RenderParams, dict[str, object]]]:
+        return RenderWith, (self.render, dict(self._values))
+
+    def __repr__(self) -> str:
+        return f"RenderWith({self.render!r}, {self._values!r})"
 
 
 def _names(params: Sequence[Param]) -> list[str]:

@@ -83,6 +83,13 @@ def run(
 
 def prepare_image(data: bytes, params: RenderParams) -> Image.Image:
     """The RGB picture the model will see, before it becomes a tensor."""
+    image = decode_image(data)
+    # 3. fit the output size, which follows the upright picture's aspect unless given
+    return fit_image(image, output_size(params, image.size), params.fit)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """The upright RGB picture in ``data``; InvalidImage with an INPUT_* code if it is none."""
     if not data:
         message = f"The file is empty (0 bytes); submit a {_FORMAT_NAMES} image instead."
         raise InvalidImage(message, code="INPUT_NOT_IMAGE")
@@ -92,9 +99,7 @@ def prepare_image(data: bytes, params: RenderParams) -> Image.Image:
         check_size(image.size)
         image.load()
         # 2. orient as the camera meant, flatten to RGB
-        image = to_rgb(ImageOps.exif_transpose(image))
-    # 3. fit the output size, which follows the upright picture's aspect unless given
-    return fit_image(image, output_size(params, image.size), params.fit)
+        return to_rgb(ImageOps.exif_transpose(image))
 
 
 def fit_image(image: Image.Image, size: tuple[int, int], fit: str) -> Image.Image:
