@@ -10,6 +10,7 @@ from __future__ import annotations
 from importlib import import_module
 
 from farm.fanout import FANOUT
+from farm.narrated import NARRATED
 from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageFn, linear
 from farm.schema import RenderSchema
 from farm.storage.kinds import INPUT
@@ -80,4 +81,4 @@ NOOP = linear(
     help="Six stages that do nothing: what the farm itself costs per stage.",
 )
 
-BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, FANOUT, UPSCALE)
+BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, FANOUT, UPSCALE, NARRATED)

@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     fs_root: Path | None = None
     data_dir: Path = Field(default_factory=default_data_dir)
     model: Path | None = None
+    text_model: Path | None = Field(
+        None, description="local causal LM folder for narrated's script (default: a tiny one)"
+    )
     visibility_timeout: int = Field(3600, ge=10, description="broker redelivery, seconds")
     lease_ttl: int = Field(30, ge=2, description="a stage is presumed dead after this, seconds")
     gpu_batch: int = Field(

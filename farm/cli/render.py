@@ -138,7 +138,7 @@ def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
         yield Farm.from_env()
         return
     from farm.local import LocalStack
-    from farm.local.workers import ROLES, start_worker, wait_ready
+    from farm.local.workers import ONE_MACHINE_QUEUES, ROLES, start_worker, wait_ready
 
     root = _data_dir(data_dir)
     stack = LocalStack(root)
@@ -147,7 +147,8 @@ def _farm(data_dir: Path | None = None) -> Iterator[Farm]:
     env = info.env()
     os.environ.update(env)
     farm = Farm(Settings.from_env())
-    workers = [start_worker(role, env, root / "logs") for role in ROLES]
+    logs = root / "logs"
+    workers = [start_worker(role, env, logs, ONE_MACHINE_QUEUES[role]) for role in ROLES]
     try:
         wait_ready(farm.ctx.meta, workers)
         yield farm

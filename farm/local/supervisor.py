@@ -23,7 +23,7 @@ from typing import Any
 
 from farm.errors import FarmError
 from farm.local.procs import kill_group, running_with, wait_until, write_private
-from farm.local.workers import ROLES, WorkerProcess, start_worker
+from farm.local.workers import ONE_MACHINE_QUEUES, ROLES, WorkerProcess, start_worker
 
 log = logging.getLogger("farm.supervisor")
 
@@ -129,7 +129,8 @@ class Supervisor:
 
     def _start(self, slot: Slot, now: float) -> None:
         try:
-            worker = start_worker(slot.role, {}, self.data_dir / "logs")
+            queues = ONE_MACHINE_QUEUES[slot.role]
+            worker = start_worker(slot.role, {}, self.data_dir / "logs", queues)
         except (OSError, FarmError) as exc:  # could not even start it: a crash like any other
             log.error("could not start a %s worker: %s", slot.role, exc)
             slot.started = now

@@ -22,6 +22,9 @@ from farm.storage.metadata import Metadata
 from farm.tasks.app import WORKER_ROLES
 
 ROLES = WORKER_ROLES
+# A one-machine farm (farm render's embedded one, farm up's) has no node of its own for the
+# queues pipelines add for CPU nodes, so its cpu worker serves them too (narrated's speech).
+ONE_MACHINE_QUEUES = {"cpu": ("cpu", "audio"), "gpu": ()}
 
 
 @dataclass
