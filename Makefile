@@ -27,7 +27,8 @@ test: install
 	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 
 # The default strength (0.75) into demo-output/, 0.3 and 1.0 beside it, then one contact sheet;
-# then the example plugin's DAG (one branch per filter, joined into a sheet) per input.
+# then the example plugin's DAG (one branch per filter, joined into a sheet) per input;
+# then, on a farm `farm up` starts, one narrated video and one upscale (examples/multimodal.py).
 DEMO_PROMPT := "a watercolor painting"
 demo: install
 	$(VENV)/bin/farm render examples/inputs -o demo-output --prompt $(DEMO_PROMPT)
@@ -40,8 +41,11 @@ demo: install
 		"strength 1.0=demo-output/strength-1.0"
 	$(VENV)/bin/farm render examples/inputs -o demo-output/variants --pipeline variants \
 		--param filters=blur,edges,emboss,posterize --param columns=2
+	$(VENV)/bin/farm up
+	$(PY) examples/multimodal.py demo-output; status=$$?; $(VENV)/bin/farm down; exit $$status
 	@echo "outputs: $(CURDIR)/demo-output (contact sheet: demo-output/contact-sheet.png;"
-	@echo "  a DAG of filtered variants per input, from the example plugin: demo-output/variants)"
+	@echo "  a DAG of filtered variants per input, from the example plugin: demo-output/variants;"
+	@echo "  a narrated video: demo-output/narrated.mp4; a 2x upscale: demo-output/landscape-x2.png)"
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from farm.engine import PIXEL_BOUND
+from farm.local.workers import start_worker, wait_ready
 
 
 def sample_png(size: int = 64, hue: int = 0) -> bytes:
@@ -116,3 +117,31 @@ def within_bound(a: np.ndarray, b: np.ndarray) -> bool:
 
 def same_render(png: bytes, reference: bytes) -> bool:
     return within_bound(pixels(png), pixels(reference))
+
+
+class ExtraWorkers:
+    """Workers beside the session's, of one role and the queues given (its own by default),
+    stopped after the test."""
+
+    def __init__(self, pool, role: str, queues: tuple[str, ...] = ()) -> None:
+        self.pool, self.role, self.queues, self.started = pool, role, queues, []
+
+    def start(self, count: int = 1) -> None:
+        new = [
+            start_worker(self.role, self.pool.env, self.pool.log_dir, self.queues)
+            for _ in range(count)
+        ]
+        self.started += new
+        wait_ready(self.pool.meta, new)
+
+    def named(self, name: str):
+        return next(w for w in self.started if w.name == name)
+
+    def kill(self, worker) -> None:
+        worker.kill()
+        self.pool.meta.forget_worker(worker.name)
+
+    def stop_all(self) -> None:
+        for worker in self.started:
+            worker.stop()
+            self.pool.meta.forget_worker(worker.name)

@@ -21,44 +21,17 @@ from farm.job import NoWorkerWarning
 from farm.local.workers import start_worker, wait_ready
 from farm.pipelines import Pipeline, StageSpec, get_pipeline, stage
 from farm.tasks import faults
-from tests.helpers import wait_until
+from tests.helpers import ExtraWorkers, wait_until
 
 # Ten seconds of "work" per branch, reporting every 50 ms: long enough to act on a running
 # branch, and a stopped branch is seen stopping long before its end.
 LONG = {"steps": 200, "step_seconds": 0.05, "queue": "dag"}
 
 
-class DagWorkers:
-    """Workers serving only the ``dag`` queue, stopped after the test."""
-
-    def __init__(self, pool) -> None:
-        self.pool, self.started = pool, []
-
-    def start(self, count: int = 1) -> None:
-        new = [
-            start_worker("gpu", self.pool.env, self.pool.log_dir, queues=["dag"])
-            for _ in range(count)
-        ]
-        self.started += new
-        wait_ready(self.pool.meta, new)
-
-    def named(self, name: str):
-        return next(w for w in self.started if w.name == name)
-
-    def kill(self, worker) -> None:
-        worker.kill()
-        self.pool.meta.forget_worker(worker.name)
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop()
-            self.pool.meta.forget_worker(worker.name)
-
-
 @pytest.fixture
 def two_workers(running):
     """Two workers of the dag queue (and the session's cpu worker, for split and join)."""
-    dag = DagWorkers(running)
+    dag = ExtraWorkers(running, "gpu", ("dag",))
     dag.start(2)
     yield dag
     dag.stop_all()

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from farm.errors import InvalidParameter
-from farm.local.workers import start_worker, wait_ready
 from farm.media.speech import wav_duration
 from farm.tasks import faults
-from tests.helpers import wait_until
+from tests.helpers import ExtraWorkers, wait_until
 from tests.test_cli import run_farm
 from tests.test_dag import records
 
@@ -23,31 +22,9 @@ STAGES = ("script", "image-noise", "image-denoise", "image-decode", "image", "sp
 QUICK = {"steps": 4, "size": 64}  # the picture is not what these tests look at
 
 
-class AudioWorkers:
-    """Workers of the audio queue (a cpu role given ``--queues audio``), stopped after the test."""
-
-    def __init__(self, pool) -> None:
-        self.pool, self.started = pool, []
-
-    def start(self) -> None:
-        worker = start_worker("cpu", self.pool.env, self.pool.log_dir, queues=["audio"])
-        self.started.append(worker)
-        wait_ready(self.pool.meta, [worker])
-
-    def kill(self, name: str) -> None:
-        worker = next(w for w in self.started if w.name == name)
-        worker.kill()
-        self.pool.meta.forget_worker(name)
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop()
-            self.pool.meta.forget_worker(worker.name)
-
-
 @pytest.fixture
 def audio(running):
-    workers = AudioWorkers(running)
+    workers = ExtraWorkers(running, "cpu", ("audio",))  # farm worker --queues audio
     workers.start()
     yield workers
     workers.stop_all()
@@ -135,7 +112,7 @@ def test_a_killed_audio_worker_re_runs_only_the_speech(farm, audio, running) -> 
         return {s.name: s.status for s in job.stages()}["speech"] == "running"
 
     wait_until(speaking, 120, "the speech stage running")
-    audio.kill(records(farm, job.id)["speech"].worker)
+    audio.kill(audio.named(records(farm, job.id)["speech"].worker))
     audio.start()
     faults.disarm(running.meta, job.id, "speech", "step")
     assert job.wait(timeout=240).status == "done"

@@ -10,10 +10,9 @@ import pytest
 from PIL import Image, ImageDraw
 
 from farm.errors import InvalidImage, InvalidParameter
-from farm.local.workers import start_worker, wait_ready
 from farm.tasks import faults
 from farm.tiling import MAX_TILES, SEAM_BOUND, seam_ratio, tile_boxes
-from tests.helpers import sample_png, wait_until
+from tests.helpers import ExtraWorkers, sample_png, wait_until
 from tests.test_dag import records
 
 
@@ -31,40 +30,24 @@ def picture(hue: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-class ExtraGpuWorkers:
-    """Gpu workers beside the session's, stopped after the test."""
-
-    def __init__(self, pool) -> None:
-        self.pool, self.started = pool, []
-
-    def start(self) -> None:
-        worker = start_worker("gpu", self.pool.env, self.pool.log_dir)
-        self.started.append(worker)
-        wait_ready(self.pool.meta, [worker])
-
-    def kill(self, name: str) -> None:
-        """SIGKILL the gpu worker called ``name``, the session's or one of these."""
-        session = [w for w in self.pool.running if w.name == name]
-        if session:
-            self.pool.kill(session[0])
-        else:
-            worker = next(w for w in self.started if w.name == name)
-            worker.kill()
-            self.pool.meta.forget_worker(name)
-        self.pool.ensure("gpu")
-
-    def stop_all(self) -> None:
-        for worker in self.started:
-            worker.stop()
-            self.pool.meta.forget_worker(worker.name)
-
-
 @pytest.fixture
 def second_gpu(running):
-    extra = ExtraGpuWorkers(running)
+    extra = ExtraWorkers(running, "gpu")
     extra.start()
     yield extra
     extra.stop_all()
+
+
+def kill_gpu_worker(running, extra: ExtraWorkers, name: str) -> None:
+    """SIGKILL the gpu worker called ``name``, the session's or an extra one, and start
+    another in its place."""
+    session = [w for w in running.running if w.name == name]
+    if session:
+        running.kill(session[0])
+        running.ensure("gpu")
+    else:
+        extra.kill(extra.named(name))
+        extra.start()
 
 
 def test_a_small_image_at_scale_4_is_rendered_by_two_gpu_workers_without_seams(
@@ -97,8 +80,7 @@ def test_a_killed_tile_worker_renders_only_its_tile_again(farm, second_gpu, runn
         return status["tile-0"] == "running" and all(status[n] == "done" for n in others)
 
     wait_until(others_done, 120, "every tile but tile-0 done, tile-0 running")
-    second_gpu.kill(records(farm, job.id)["tile-0"].worker)
-    second_gpu.start()  # two gpu workers again, whichever was killed
+    kill_gpu_worker(running, second_gpu, records(farm, job.id)["tile-0"].worker)
     faults.disarm(running.meta, job.id, "tile-0", "step")
     assert job.wait(timeout=300).status == "done"
     runs = records(farm, job.id)
