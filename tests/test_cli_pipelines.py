@@ -13,7 +13,7 @@ from PIL import Image
 from tests.helpers import sample_png
 from tests.test_cli import run_farm
 
-BUILTIN = ["img2img", "txt2img", "noop", "fanout"]
+BUILTIN = ["img2img", "txt2img", "noop", "fanout", "upscale", "narrated"]
 
 
 def listed(env: dict[str, str] | None = None) -> dict[str, dict]:
@@ -29,7 +29,7 @@ def dag(pipeline: dict) -> list[tuple[str, str, list[str]]]:
 
 def test_pipelines_json_lists_each_pipeline_with_its_dag_and_parameters() -> None:
     pipelines = listed()
-    assert list(pipelines)[:4] == BUILTIN and "variants" in pipelines
+    assert list(pipelines)[: len(BUILTIN)] == BUILTIN and "variants" in pipelines
     img2img = pipelines["img2img"]
     assert img2img["needs_input"] and not img2img["expands"]
     assert dag(img2img)[:2] == [("preprocess", "cpu", []), ("encode", "gpu", ["preprocess"])]
@@ -75,7 +75,7 @@ def test_render_and_submit_help_name_every_pipeline_and_take_param() -> None:
     for command in ("render", "submit"):
         shown = run_farm([command, "--help"], {}).stdout
         assert "--param KEY=VALUE" in shown, shown
-        assert "One of: img2img, txt2img, noop, fanout, variants" in " ".join(shown.split())
+        assert f"One of: {', '.join(BUILTIN)}, variants" in " ".join(shown.split())
 
 
 def test_a_plugin_that_fails_to_load_is_named_and_the_others_still_listed(tmp_path: Path) -> None:
