@@ -13,12 +13,10 @@ render parameters (prompt, steps, strength, guidance, scheduler, seed) apply to 
 
 from __future__ import annotations
 
-import io
 from importlib import import_module
 
-from PIL import Image
-
-from farm.errors import InvalidImage, InvalidParameter
+from farm.errors import InvalidParameter
+from farm.image_checks import MAX_PIXELS, header_size
 from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageFn, StageSpec
 from farm.schema import Param, RenderSchema
 from farm.tiling import ALIGN, MAX_TILES, tile_count
@@ -56,6 +54,11 @@ def _align(side: int) -> int:
 
 def expand(params, data: bytes | None) -> list[StageSpec]:
     width, height = scaled_size(*_header_size(data), params.scale)
+    if width * height > MAX_PIXELS:
+        raise InvalidParameter(
+            f"upscale: {width}x{height} px is over the {MAX_PIXELS:,} pixels an output may have; "
+            "use a smaller scale or image"
+        )
     count = tile_count(width, height, params.size, params.overlap)
     if count > MAX_TILES:
         raise InvalidParameter(
@@ -72,15 +75,9 @@ def _dag(count: int) -> list[StageSpec]:
 
 
 def _header_size(data: bytes | None) -> tuple[int, int]:
-    """The input's size from its header alone; the split stage decodes it defensively."""
-    try:
-        with Image.open(io.BytesIO(data or b"")) as image:
-            return image.size
-    except Exception as exc:  # whatever Pillow raises on bytes that are no image
-        raise InvalidImage(
-            "The file is not an image; upscale takes a PNG, JPEG, WebP, GIF, BMP or TIFF.",
-            code="INPUT_NOT_IMAGE",
-        ) from exc
+    """The input's size from its header alone, refused as preprocess would refuse it; the split
+    stage decodes it in full."""
+    return header_size(data or b"")
 
 
 def _check(params) -> None:

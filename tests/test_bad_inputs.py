@@ -28,7 +28,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFile
 
+from farm import image_checks
 from farm.errors import InvalidImage, InvalidParameter, UnknownPipeline
+from farm.image_checks import MAX_ASPECT, MAX_PIXELS
 from farm.inputs import (
     MAX_INPUT_BYTES,
     InputFile,
@@ -38,10 +40,9 @@ from farm.inputs import (
     scan_folder,
 )
 from farm.params import RenderParams
-from farm.pipelines import get_pipeline
+from farm.pipelines import all_pipelines, get_pipeline
 from farm.stages import STAGES, NoHooks
-from farm.stages import preprocess as preprocess_module
-from farm.stages.preprocess import MAX_ASPECT, MAX_PIXELS, prepare_image, to_rgb
+from farm.stages.preprocess import prepare_image, to_rgb
 
 # -- making bad files ------------------------------------------------------------------------------
 
@@ -215,13 +216,13 @@ def test_pillow_bomb_warning_is_an_error_even_if_our_cap_allowed_it(
 ) -> None:
     # 100 MP: Pillow only warns (limit ~89 MP, error at twice that). With our cap lifted out of
     # the way, the warning itself must stop the decode.
-    monkeypatch.setattr(preprocess_module, "MAX_PIXELS", 10**12)
+    monkeypatch.setattr(image_checks, "MAX_PIXELS", 10**12)
     assert Image.MAX_IMAGE_PIXELS < 10000 * 10000 < 2 * Image.MAX_IMAGE_PIXELS
     assert preprocess_error(crafted_png(10000, 10000)).code == "INPUT_TOO_LARGE"
 
 
 def test_cap_is_a_module_constant(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(preprocess_module, "MAX_PIXELS", 64 * 64 - 1)
+    monkeypatch.setattr(image_checks, "MAX_PIXELS", 64 * 64 - 1)
     assert preprocess_error(encode(noise_image())).code == "INPUT_TOO_LARGE"
 
 
@@ -610,6 +611,7 @@ def test_tab_newline_and_carriage_return_are_allowed_in_prompts() -> None:
 
 @pytest.mark.parametrize("name", ["foo", "os.system", "farm.pipelines", "../img2img", "", None, 3])
 def test_unknown_pipeline_is_rejected_without_importing_anything(name: object) -> None:
+    all_pipelines()  # the registry itself loads once, on first use (run alone, this is it)
     modules = set(sys.modules)
     with pytest.raises(UnknownPipeline) as raised:
         get_pipeline(name)

@@ -233,6 +233,26 @@ def test_the_ends_of_the_rate_range_are_accepted(rate: int) -> None:
 # The library itself missing or broken
 
 
+def test_the_voice_list_is_whole_while_other_threads_write_to_stderr() -> None:
+    """eSpeak's complaints are caught on fd 2 while the list is built; a worker's other threads
+    write there too, and must neither lose their lines nor make good voices look broken."""
+    speech._catalogue.cache_clear()
+    stop = threading.Event()
+
+    def log() -> None:
+        while not stop.is_set():
+            print("another thread's log line", file=sys.stderr, flush=True)
+
+    writer = threading.Thread(target=log)
+    writer.start()
+    try:
+        assert speech.check_voice("en-us") == "en-us"
+        assert {"en", "de", "fr"} <= set(speech._catalogue().languages)
+    finally:
+        stop.set()
+        writer.join()
+
+
 def _assert_one_line_model_error(caught: pytest.ExceptionInfo[ModelError]) -> None:
     assert caught.value.code == "MODEL_INVALID"
     assert "\n" not in str(caught.value)

@@ -30,6 +30,12 @@ def picture(hue: int = 0) -> bytes:
     return buffer.getvalue()
 
 
+def _png(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (90, 120, 200)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 @pytest.fixture
 def second_gpu(running):
     extra = ExtraWorkers(running, "gpu")
@@ -95,13 +101,25 @@ def test_a_scale_other_than_2_or_4_is_refused_at_submit(farm, scale, says) -> No
 
 
 def test_an_image_needing_more_tiles_than_the_cap_is_refused_at_submit(farm) -> None:
-    big = io.BytesIO()
-    Image.new("RGB", (1024, 1024), (90, 120, 200)).save(big, format="PNG")
     with pytest.raises(InvalidParameter, match=f"over the cap of {MAX_TILES}"):
-        farm.submit(big.getvalue(), pipeline="upscale", scale=4)
+        farm.submit(_png(1024, 1024), pipeline="upscale", scale=4)
 
 
-def test_an_input_that_is_no_image_is_refused_at_submit(farm) -> None:
+def test_an_output_over_the_pixel_cap_is_refused_at_submit(farm) -> None:
+    """4080 px at scale 4 with 2048 px tiles is only 64 tiles, but 266 million pixels."""
+    with pytest.raises(InvalidParameter, match="over the 40,000,000 pixels"):
+        farm.submit(_png(4080, 4080), pipeline="upscale", scale=4, size=2048, overlap=8)
+
+
+@pytest.mark.parametrize(
+    ("image", "code"),
+    [
+        (b"not an image at all", "INPUT_NOT_IMAGE"),
+        (sample_png(4), "INPUT_TOO_SMALL"),
+        (_png(1000, 40), "INPUT_BAD_ASPECT"),
+    ],
+)
+def test_an_input_preprocess_would_refuse_is_refused_at_submit(farm, image, code) -> None:
     with pytest.raises(InvalidImage) as caught:
-        farm.submit(b"not an image at all", pipeline="upscale")
-    assert caught.value.code == "INPUT_NOT_IMAGE"
+        farm.submit(image, pipeline="upscale")
+    assert caught.value.code == code

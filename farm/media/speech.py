@@ -50,13 +50,14 @@ import ctypes
 import difflib
 import functools
 import io
+import json
 import locale
 import os
 import shutil
 import tempfile
 import threading
 import wave
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,22 +213,57 @@ def _suggestions(key: str, catalogue: _Catalogue) -> str:
 
 @functools.cache
 def _catalogue() -> _Catalogue:
-    """eSpeak's voices, read once per process from an instance of the library of their own."""
-    with _LOCK, _engine() as (lib, _), tempfile.TemporaryFile() as said:
-        voices = _list_voices(lib)
-        spoken = {language for _, languages in voices for language in languages}
-        selectable = [language for language in spoken if _speakable(lib, language, said)]
+    """eSpeak's voices, read once per process. eSpeak writes what it cannot load (a voice whose
+    dictionary the wheel lacks: fo, kaa, xex in 0.2.4) straight to file descriptor 2; only a
+    process of its own may point that elsewhere (every thread of a worker writes there), so a
+    forked child lists the voices and hands back the ones that load without complaint."""
+    with _LOCK:  # one fork at a time; the child never takes this lock (a fork copies it held)
+        answer = json.loads(_in_child(_voices_that_load))
+    if "error" in answer:
+        raise ModelError(answer["error"])
+    languages, names = answer["voices"]
     return _Catalogue(
-        languages={language.lower(): language for language in selectable},
-        names={name.lower(): name for name, _ in voices},
+        languages={language.lower(): language for language in languages},
+        names={name.lower(): name for name in names},
     )
 
 
+def _voices_that_load() -> bytes:
+    try:
+        with _engine() as (lib, _), tempfile.TemporaryFile() as said:
+            voices = _list_voices(lib)
+            spoken = {language for _, languages in voices for language in languages}
+            loading = sorted(language for language in spoken if _speakable(lib, language, said))
+    except ModelError as exc:  # the parent raises it again, message and all
+        return json.dumps({"error": exc.message}).encode()
+    return json.dumps({"voices": [loading, [name for name, _ in voices]]}).encode()
+
+
+def _in_child(work: Callable[[], bytes]) -> bytes:
+    """What ``work`` returns, run in a forked copy of this process that exits straight after."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: single-threaded, never returns
+        status = 1
+        try:
+            os.close(read)
+            with os.fdopen(write, "wb") as out:
+                out.write(work())
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    with os.fdopen(read, "rb") as answer:
+        data = answer.read()
+    _, status = os.waitpid(pid, 0)
+    if status != 0:
+        raise ModelError("eSpeak NG could not list its voices (the library or its data is broken)")
+    return data
+
+
 def _speakable(lib: ctypes.CDLL, language: str, said: IO[bytes]) -> bool:
-    """Whether eSpeak selects ``language`` without complaint. eSpeak writes what it cannot
-    load (a voice whose dictionary the wheel lacks: fo, kaa, xex in 0.2.4) straight to file
-    descriptor 2, so that is pointed at ``said`` while it tries: such a voice is left out, and
-    a client listing voices at submit prints nothing."""
+    """Whether eSpeak selects ``language`` without writing a complaint to fd 2, which points
+    at ``said`` meanwhile (in the child of ``_catalogue`` only)."""
     start = said.seek(0, os.SEEK_END)
     saved = os.dup(2)
     os.dup2(said.fileno(), 2)
