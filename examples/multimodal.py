@@ -30,7 +30,7 @@ def main(out: Path) -> None:
 
 
 def timings(stages) -> str:
-    """Each stage's time and worker queue; tiles (upscale) summed up as their median."""
+    """Each stage's time and queue; upscale's tiles as their count and median time."""
     tiles = sorted(s.duration_s for s in stages if s.name.startswith("tile-"))
     shown = [
         f"{s.name} ({s.queue}) {s.duration_s:.2f}s"

@@ -7,38 +7,24 @@ which a client never needs.
 
 from __future__ import annotations
 
-from importlib import import_module
-
 from farm.fanout import FANOUT
 from farm.narrated import NARRATED
-from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageFn, linear
+from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, lazy, linear
 from farm.schema import RenderSchema
 from farm.storage.kinds import INPUT
 from farm.upscale import UPSCALE
 
-
-def _lazy(module: str, function: str = "run") -> StageFn:
-    """``farm.stages.<module>.<function>``, imported on its first call."""
-
-    def run(artifact, params, model, hooks):
-        real = getattr(import_module(f"farm.stages.{module}"), function)
-        return real(artifact, params, model, hooks)
-
-    run.__qualname__ = f"farm.stages.{module}.{function}"
-    return run
-
-
 SD_STAGES: dict[str, Stage] = {
     stage.name: stage
     for stage in (
-        Stage("preprocess", _lazy("preprocess"), reads=(INPUT,)),
-        Stage("encode", _lazy("encode"), model=SD_MODEL),
-        Stage("noise", _lazy("noise"), model=SD_MODEL),
-        Stage("noise_txt2img", _lazy("noise", "run_txt2img"), reads=(), model=SD_MODEL),
-        Stage("denoise", _lazy("denoise"), model=SD_MODEL),
-        Stage("decode", _lazy("decode"), model=SD_MODEL),
-        Stage("postprocess", _lazy("postprocess"), writes="png"),
-        Stage("noop", _lazy("noop"), reads=(INPUT, "tensors")),
+        Stage("preprocess", lazy("farm.stages.preprocess"), reads=(INPUT,)),
+        Stage("encode", lazy("farm.stages.encode"), model=SD_MODEL),
+        Stage("noise", lazy("farm.stages.noise"), model=SD_MODEL),
+        Stage("noise_txt2img", lazy("farm.stages.noise", "run_txt2img"), reads=(), model=SD_MODEL),
+        Stage("denoise", lazy("farm.stages.denoise"), model=SD_MODEL),
+        Stage("decode", lazy("farm.stages.decode"), model=SD_MODEL),
+        Stage("postprocess", lazy("farm.stages.postprocess"), writes="png"),
+        Stage("noop", lazy("farm.stages.noop"), reads=(INPUT, "tensors")),
     )
 }
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any, Protocol
 
 from farm.errors import ConfigError, FarmError, PipelineInvalid, UnknownPipeline
@@ -78,6 +79,18 @@ class Stage:
     @property
     def needs_model(self) -> bool:
         return self.model is not None
+
+
+def lazy(module: str, function: str = "run") -> StageFn:
+    """``module.function`` as a stage function, imported on its first call: stage modules
+    import torch and diffusers, which a client listing or submitting never needs."""
+
+    def run(artifact, params, model, hooks):
+        real = getattr(import_module(module), function)
+        return real(artifact, params, model, hooks)
+
+    run.__qualname__ = f"{module}.{function}"
+    return run
 
 
 def stage(

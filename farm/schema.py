@@ -246,11 +246,12 @@ class RenderSchema:
     narrated's ``voice``), validated like a Schema's; ``check`` then sees them all. A stage
     then gets a ``RenderWith``: the render parameters and the extra ones, read alike.
     ``defaults``: render parameters whose default differs for this pipeline (upscale's
-    ``strength``)."""
+    ``strength``); ``help``: render parameters whose meaning does (upscale's ``size``)."""
 
     img2img: bool = False  # also refuse steps x strength that leaves no denoising step
     extra: tuple[Param, ...] = ()
     defaults: Mapping[str, object] = dataclasses.field(default_factory=dict)  # render ones
+    help: Mapping[str, str] = dataclasses.field(default_factory=dict)  # render ones, reworded
     check: Callable[[Any], None] | None = None
     params: ClassVar[tuple[Param, ...]] = tuple(
         map(_render_param, dataclasses.fields(RenderParams))
@@ -261,6 +262,10 @@ class RenderSchema:
         if clash:
             raise ValueError(f"extra parameters {', '.join(clash)} are render parameters")
         Schema(self.extra)  # the same rules for their names
+        unknown = sorted((set(self.defaults) | set(self.help)) - set(_names(self.params)))
+        if unknown:
+            raise ValueError(f"defaults or help for {', '.join(unknown)}: not render parameters")
+        RenderParams.from_dict(self.defaults)  # a bad default is the author's bug, not a user's
 
     @property
     def all_params(self) -> tuple[Param, ...]:
@@ -303,7 +308,11 @@ class RenderSchema:
 
     def describe(self) -> list[dict[str, Any]]:
         own = [
-            dataclasses.replace(p, default=self.defaults.get(p.name, p.default))
+            dataclasses.replace(
+                p,
+                default=self.defaults.get(p.name, p.default),
+                help=self.help.get(p.name, p.help),
+            )
             for p in self.params
         ]
         return [p.describe() for p in (*own, *self.extra)]
@@ -327,6 +336,14 @@ class RenderWith(Params):
         if not name.startswith("_") and name in self._values:
             return self._values[name]
         return getattr(self.render, name)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, RenderWith):
+            return NotImplemented
+        return (self.render, self._values) == (other.render, other._values)
+
+    def __hash__(self) -> int:
+        return hash((self.render, tuple(self._values.items())))
 
     def __reduce__(self) -> tuple[type[RenderWith], tuple[RenderParams, dict[str, object]]]:
         return RenderWith, (self.render, dict(self._values))

@@ -13,11 +13,9 @@ render parameters (prompt, steps, strength, guidance, scheduler, seed) apply to 
 
 from __future__ import annotations
 
-from importlib import import_module
-
 from farm.errors import InvalidParameter
 from farm.image_checks import MAX_PIXELS, header_size
-from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageFn, StageSpec
+from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, StageSpec, lazy
 from farm.schema import Param, RenderSchema
 from farm.tiling import ALIGN, MAX_TILES, tile_count
 
@@ -25,20 +23,11 @@ SCALES = (2, 4)
 DEFAULT_OVERLAP = 32
 
 
-def _lazy(function: str) -> StageFn:
-    def run(artifact, params, model, hooks):
-        return getattr(import_module("farm.stages.upscale"), function)(
-            artifact, params, model, hooks
-        )
-
-    run.__qualname__ = f"farm.stages.upscale.{function}"
-    return run
-
-
+_STAGES = "farm.stages.upscale"
 OPS = {
-    "split": Stage("split", _lazy("split"), writes="png", reads=("input",)),
-    "tile": Stage("tile", _lazy("tile"), reads=("png",), model=SD_MODEL),
-    "blend": Stage("blend", _lazy("blend"), writes="png", join=True),
+    "split": Stage("split", lazy(_STAGES, "split"), writes="png", reads=("input",)),
+    "tile": Stage("tile", lazy(_STAGES, "tile"), reads=("png",), model=SD_MODEL),
+    "blend": Stage("blend", lazy(_STAGES, "blend"), writes="png", join=True),
 }
 
 
@@ -97,10 +86,15 @@ def _check(params) -> None:
 PARAMS = RenderSchema(
     img2img=True,
     extra=(
-        Param("scale", int, 2, "How many times larger: 2 or 4.", 2, 4),
+        Param("scale", int, 2, "How many times larger: 2 or 4 (3 is refused).", 2, 4),
         Param("overlap", int, DEFAULT_OVERLAP, "Pixels neighbouring tiles share.", ALIGN, 1024),
     ),
     defaults={"strength": 0.3, "steps": 20},
+    help={
+        "strength": "0-1: how far each tile may move from the enlarged input (0.3).",
+        "steps": "Denoising steps, 1-500 (20).",
+        "size": "Tile side in px (default: the model's native size); width and height: refused.",
+    },
     check=_check,
 )
 

@@ -66,7 +66,7 @@ def test_pipelines_table_shows_each_pipeline_its_stages_and_parameters() -> None
         assert any(line.startswith(f"{name}  ") for line in lines), name
     join = [line for line in lines if "│ join " in line]
     assert len(join) == 1 and "branch-0, branch-1" in join[0], join
-    assert result.stdout.count("built at submit from its parameters; shown with the defaults") == 3
+    assert result.stdout.count("built at submit from its parameters; shown with the defaults") == 4
     assert "parameters: as img2img's" in result.stdout  # txt2img and noop share its schema
     assert '"blur,edges,emboss"' in result.stdout
 

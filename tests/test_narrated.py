@@ -13,6 +13,7 @@ import pytest
 
 from farm.errors import InvalidParameter
 from farm.media.speech import wav_duration
+from farm.pipelines import get_pipeline
 from farm.tasks import faults
 from tests.helpers import ExtraWorkers, wait_until
 from tests.test_cli import run_farm
@@ -128,8 +129,17 @@ def test_a_killed_audio_worker_re_runs_only_the_speech(farm, audio, running) -> 
         ({"prompt": "a cat", "voice": "zz-nowhere"}, "voice"),
         ({"prompt": "a cat", "rate": 1000}, "rate"),
         ({"prompt": "a cat", "fps": 0}, "fps"),
+        ({"prompt": "a cat", "size": 8}, "16 to 1920 px"),
     ],
 )
 def test_bad_narrated_parameters_are_refused_at_submit(farm, params, says) -> None:
     with pytest.raises(InvalidParameter, match=says):
         farm.submit(pipeline="narrated", **params)
+
+
+def test_a_job_that_gives_its_narration_never_loads_the_text_model() -> None:
+    narrated = get_pipeline("narrated")
+    params = narrated.params.bind(narrated.params.validate({"prompt": "a", "narration": "Hi."}))
+    first = narrated.dag(params, None)[0]
+    assert (first.name, first.op, narrated.op(first.op).model) == ("script", "given_script", None)
+    assert narrated.op(narrated.stages[0].op).model == "text"  # without it, the model writes

@@ -12,6 +12,7 @@ import pytest
 
 from farm.errors import InvalidParameter
 from farm.params import RenderParams
+from farm.pipelines import get_pipeline
 from farm.schema import Param, Params, RenderSchema, Schema, params_digest
 
 PASSES = Param("passes", int, 3, "How many passes.", low=1, high=50)
@@ -350,3 +351,12 @@ def test_render_schema_parse_cli() -> None:
     assert "size must be a whole number, got 'big'" in _message(schema.parse_cli, ["size=big"])
     assert "unknown parameter(s) 'colour'" in _message(schema.parse_cli, ["colour=1"])
     assert "--param takes key=value" in _message(schema.parse_cli, ["steps"])
+
+
+def test_render_with_extra_parameters_compares_and_hashes_by_all_of_them() -> None:
+    upscale = get_pipeline("upscale").params
+    small, large = (upscale.bind(upscale.validate({"size": side})) for side in (128, 256))
+    assert small != large and small == upscale.bind(upscale.validate({"size": 128}))
+    assert hash(small) == hash(upscale.bind(upscale.validate({"size": 128})))
+    assert (small.size, small.scale, small.strength) == (128, 2, 0.3)  # render, own, default
+    assert pickle.loads(pickle.dumps(small)) == small

@@ -304,3 +304,23 @@ def test_an_overlong_prompt_loses_its_start(tiny: TextModel) -> None:
     narration = tiny.write(f"cat {body}", seed=5, max_tokens=40)
     assert tiny.write(f"dog {body}", seed=5, max_tokens=40) == narration
     assert tiny.write(f"{body} dog", seed=5, max_tokens=40) != narration
+
+
+def test_other_code_drawing_from_torchs_global_rng_meanwhile_changes_nothing(tiny) -> None:
+    """A worker's other threads may seed or draw from torch's global RNG at any moment."""
+    alone = tiny.write("the old mill by the river", seed=5, max_tokens=30)
+    stop = threading.Event()
+
+    def draw() -> None:
+        while not stop.is_set():
+            torch.manual_seed(0)
+            torch.rand(100)
+
+    other = threading.Thread(target=draw)
+    other.start()
+    try:
+        written = [tiny.write("the old mill by the river", seed=5, max_tokens=30) for _ in range(5)]
+    finally:
+        stop.set()
+        other.join()
+    assert written == [alone] * 5

@@ -9,12 +9,11 @@ random words, not sentences, but words eSpeak can speak, where a byte-level voca
 write fragments of words. The folder's name is fixed, so a change to the vocabulary or config
 below must rename it (as ``tiny-sd-2`` did), or old data dirs keep the old model.
 
-Generation samples (top-k, top-p) under ``seed``, so a job's narration is the same on every run
-and in every process. Seeding sets torch's global RNG, and workers run jobs in threads: each
-``write`` forks the RNG (the caller's stream is left as it was) and holds the model's lock, so
-two jobs cannot interleave their draws, nor their use of the shared fast tokenizer (see
-farm.engine.calls). The model runs on the CPU: a narration is a few dozen tokens, and the RNG
-forked is the CPU's.
+Generation samples (top-k, top-p) from a generator seeded with ``seed`` and used by nothing
+else, so a job's narration is the same on every run and in every process, whatever other code
+does with torch's global RNG. Workers run jobs in threads: ``write`` holds the model's lock, so
+two jobs never share the fast tokenizer's state at once (see farm.engine.calls). The model runs
+on the CPU: a narration is a few dozen tokens.
 """
 
 from __future__ import annotations
@@ -117,24 +116,34 @@ class TextModel:
         return ids or [_start_token(self.tokenizer)]
 
     def _generate(self, prompt_ids: list[int], *, seed: int, max_tokens: int) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        inputs = torch.tensor([prompt_ids])
-        with torch.random.fork_rng(devices=[]), torch.inference_mode():
-            torch.manual_seed(seed)
-            output = self.model.generate(
-                inputs,
-                attention_mask=torch.ones_like(inputs),
-                do_sample=True,
-                top_k=TOP_K,
-                top_p=TOP_P,
-                max_new_tokens=max_tokens,
-                min_new_tokens=min(MIN_NEW_TOKENS, max_tokens),
-                suppress_tokens=_inner_special_ids(self.tokenizer) or None,
-                eos_token_id=eos,
-                pad_token_id=eos,  # one sequence: never used, but unset it warns on every call
-            )
-        new_ids = output[0, len(prompt_ids) :].tolist()
-        return new_ids[:-1] if new_ids[-1] == eos else new_ids
+        """Sample token by token from a generator of this call's own: transformers' generate
+        draws from torch's global RNG, which any other code of the worker may seed or draw
+        from between two of our draws."""
+        eos, banned = self.tokenizer.eos_token_id, _inner_special_ids(self.tokenizer)
+        generator = torch.Generator().manual_seed(seed)
+        ids, new_ids = list(prompt_ids), []
+        with torch.inference_mode():
+            for step in range(max_tokens):
+                logits = self.model(torch.tensor([ids])).logits[0, -1].float()
+                logits[banned] = -torch.inf
+                if step < MIN_NEW_TOKENS:  # a narration is never empty
+                    logits[eos] = -torch.inf
+                token = _sample(logits, generator)
+                if token == eos:
+                    break
+                ids.append(token)
+                new_ids.append(token)
+        return new_ids
+
+
+def _sample(logits: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from the TOP_K likeliest, cut further to the smallest set whose probability
+    reaches TOP_P (nucleus sampling)."""
+    top = torch.topk(logits, min(TOP_K, logits.numel()))
+    probs = torch.softmax(top.values, dim=-1)
+    probs = probs * ((torch.cumsum(probs, dim=-1) - probs) < TOP_P)
+    choice = torch.multinomial(probs / probs.sum(), 1, generator=generator)
+    return int(top.indices[choice])
 
 
 def _start_token(tokenizer: PreTrainedTokenizerBase) -> int:

@@ -3,6 +3,7 @@ video. The picture's other stages are the Stable Diffusion ones every render run
 
 from __future__ import annotations
 
+from farm.errors import StageFailed
 from farm.media import speech as tts
 from farm.media.video import make_video
 from farm.models import ModelBundle
@@ -12,11 +13,16 @@ from farm.stages.base import Artifact, StageHooks
 
 
 def script(_artifact: Artifact | None, params, model, hooks: StageHooks) -> dict:
-    """The narration: the job's own, or what the text model writes from the prompt, seeded."""
-    if params.narration.strip():
-        return {"text": params.narration.strip(), "tokens": None, "written": False}
-    text, tokens = model.write(params.prompt, seed=params.seed, max_tokens=params.words)
+    """The narration the text model writes from the prompt, seeded."""
+    text, tokens = model.write(params.prompt, seed=params.seed, max_tokens=params.max_tokens)
+    if not text.strip():  # the model's fault, not the job's: speech would blame the job
+        raise StageFailed(f"the text model wrote no words for this prompt ({tokens} tokens)")
     return {"text": text, "tokens": tokens, "written": True}
+
+
+def given_script(_artifact: Artifact | None, params, _model, hooks: StageHooks) -> dict:
+    """The narration the job gave, passed on as a script."""
+    return {"text": params.narration.strip(), "tokens": None, "written": False}
 
 
 def image_noise(
