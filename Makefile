@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml $(PLUGIN)/pyproject.toml | $(PY)
 install: $(STAMP)
 
 # pytest exits 5 when it collects nothing; that is a failure of the suite, not a pass.
+# --durations: the slowest tests in every CI log, where the suite's time goes.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
 
 # The default strength (0.75) into demo-output/, 0.3 and 1.0 beside it, then one contact sheet;
 # then the example plugin's DAG (one branch per filter, joined into a sheet) per input;

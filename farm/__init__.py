@@ -45,8 +45,8 @@ from farm.errors import (
 )
 from farm.job import Job, JobInfo, NoWorkerWarning, Progress, StageInfo
 from farm.params import RenderParams
-from farm.pipelines import Pipeline, Stage, StageSpec, all_pipelines, get_pipeline, stage
-from farm.schema import Param, Schema
+from farm.pipelines import Pipeline, Stage, StageSpec, all_pipelines, get_pipeline, lazy, stage
+from farm.schema import Param, RenderSchema, Schema
 
 __all__ = [
     "ArtifactCorrupt",
@@ -83,6 +83,7 @@ __all__ = [
     "Progress",
     "RedisAuthError",
     "RenderParams",
+    "RenderSchema",
     "Schema",
     "Settings",
     "Stage",
@@ -99,5 +100,6 @@ __all__ = [
     "WorkerFailed",
     "all_pipelines",
     "get_pipeline",
+    "lazy",
     "stage",
 ]
