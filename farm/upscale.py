@@ -42,7 +42,7 @@ def _align(side: int) -> int:
 
 
 def expand(params, data: bytes | None) -> list[StageSpec]:
-    width, height = scaled_size(*_header_size(data), params.scale)
+    width, height = scaled_size(*header_size(data or b""), params.scale)  # header only
     if width * height > MAX_PIXELS:
         raise InvalidParameter(
             f"upscale: {width}x{height} px is over the {MAX_PIXELS:,} pixels an output may have; "
@@ -61,12 +61,6 @@ def _dag(count: int) -> list[StageSpec]:
     tiles = [StageSpec(f"tile-{i}", GPU, "tile", ("split",)) for i in range(count)]
     blend = StageSpec("blend", CPU, "blend", tuple(spec.name for spec in tiles))
     return [StageSpec("split", CPU, "split"), *tiles, blend]
-
-
-def _header_size(data: bytes | None) -> tuple[int, int]:
-    """The input's size from its header alone, refused as preprocess would refuse it; the split
-    stage decodes it in full."""
-    return header_size(data or b"")
 
 
 def _check(params) -> None:

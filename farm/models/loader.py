@@ -57,7 +57,7 @@ def ensure_tiny_model(data_dir: Path) -> Path:
     target = Path(data_dir) / TINY_MODEL_SUBDIR
     if not _is_complete(target):
         cached = _build_cached()
-        _stage_and_publish(
+        stage_and_publish(
             target, lambda staging: shutil.copytree(cached, staging, dirs_exist_ok=True)
         )
     return target
@@ -72,26 +72,34 @@ def tiny_model_cache() -> Path:
 def _build_cached() -> Path:
     cached = tiny_model_cache()
     if not _is_complete(cached):
-        _stage_and_publish(cached, lambda staging: build_tiny_pipeline().save_pretrained(staging))
+        stage_and_publish(cached, lambda staging: build_tiny_pipeline().save_pretrained(staging))
     return cached
 
 
-def _stage_and_publish(target: Path, fill: Callable[[Path], object]) -> None:
+def stage_and_publish(
+    target: Path,
+    fill: Callable[[Path], object],
+    is_complete: Callable[[Path], bool] | None = None,
+) -> None:
+    """``fill`` a staging folder beside ``target``, then rename it into place. A racer that
+    published first wins if its folder ``is_complete`` (by default: a diffusers pipeline)."""
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-sd-", dir=target.parent))
     try:
         fill(staging)
-        _publish(staging, target)
+        _publish(staging, target, is_complete)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _publish(staging: Path, target: Path) -> None:
+def _publish(
+    staging: Path, target: Path, is_complete: Callable[[Path], bool] | None = None
+) -> None:
     """Rename the finished folder into place: atomic, so a racing process sees all or nothing."""
     try:
         staging.rename(target)
     except OSError as exc:
-        if not _is_complete(target):  # not just a racer that finished first
+        if not (is_complete or _is_complete)(target):  # not just a racer that finished first
             raise ModelError(f"{target} exists but is not a complete model; remove it") from exc
 
 

@@ -38,7 +38,7 @@ from transformers import (
 )
 
 from farm.errors import InvalidParameter, ModelError
-from farm.models.loader import MIN_VOCAB_SIZE, _stage_and_publish
+from farm.models.loader import MIN_VOCAB_SIZE, stage_and_publish
 
 TEXT_MODEL_SUBDIR = "tiny-text-model"
 SEED = 0
@@ -164,13 +164,7 @@ def ensure_tiny_text_model(data_dir: Path) -> Path:
     """Save the tiny text model under ``data_dir`` unless it is there; return its folder."""
     target = Path(data_dir) / "models" / TEXT_MODEL_SUBDIR
     if not _is_complete(target):
-        try:
-            _stage_and_publish(target, _save_tiny_text_model)
-        except ModelError:
-            # The loader's check after a lost race knows diffusers folders only: a text
-            # model a racing process finished first is as good as ours.
-            if not _is_complete(target):
-                raise
+        stage_and_publish(target, _save_tiny_text_model, _is_complete)
     return target
 
 

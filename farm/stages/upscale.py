@@ -85,7 +85,7 @@ def blend(
     artifacts: Artifact | None, params, model: ModelBundle | None, hooks: StageHooks
 ) -> bytes:
     """Every tile -> the finished PNG, tiles feathered into each other across their overlap."""
-    tiles = list((artifacts or {}).values()) if isinstance(artifacts, dict) else []
+    tiles = list(artifacts.values()) if isinstance(artifacts, dict) else []
     if not tiles:
         raise ArtifactCorrupt("blend was given no tiles")
     width, height = (int(side) for side in tiles[0]["size"])
@@ -108,7 +108,8 @@ def _open_png(data: Artifact | None) -> Image.Image:
 def _my_box(stage: str, size: tuple[int, int], params) -> Box:
     """The box of stage ``tile-i``: the i-th of the layout, as at submit."""
     boxes = tile_boxes(*size, params.size, params.overlap)
-    index = int(stage.rpartition("-")[2]) if stage.rpartition("-")[2].isdigit() else -1
+    number = stage.rpartition("-")[2]
+    index = int(number) if number.isdigit() else -1
     if not 0 <= index < len(boxes):
         raise ArtifactCorrupt(f"stage {stage}: the image has tiles 0 to {len(boxes) - 1}")
     return boxes[index]
