@@ -76,8 +76,19 @@ class Settings(BaseSettings):
     signing_key: Path | None = Field(None, description="PEM private key: sign task messages")
     signing_cert: Path | None = Field(None, description="PEM certificate of that key")
     signing_cert_store: Path | None = Field(None, description="folder of trusted certificates")
-    flower_user: str = "farm"
+    flower_user: str = Field("farm", description="basic auth user of Flower, farm ui, metrics")
     flower_password: SecretStr | None = None
+    metrics_address: str = Field("127.0.0.1", description="where metrics endpoints listen")
+    metrics_port: int = Field(9460, ge=0, le=65535, description="`farm metrics`, farm-wide")
+    worker_metrics_port: int = Field(
+        9461, ge=0, le=65535, description="first port a worker tries for its metrics; 0: off"
+    )
+    ui_address: str = Field("127.0.0.1", description="where `farm ui` listens")
+    ui_port: int = Field(8686, ge=1, le=65535, description="`farm ui`'s port")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318; unset: off"
+    )
+    trace_file: Path | None = Field(None, description="also write spans here as JSON lines")
 
     @field_validator(*URL_CHECKS)
     @classmethod
