@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from farm import job as job_queries
+from farm import tracing
 from farm.batch import Batch
 from farm.config import Settings
 from farm.db import job_records
@@ -46,6 +47,7 @@ class Farm:
         self.settings = settings
         self.ctx = Context(settings)
         configure(settings)
+        tracing.setup(settings, "farm-client")
         self._servers_checked = False
 
     @classmethod
@@ -69,7 +71,22 @@ class Farm:
         width/height, and fit), sharpen, saturation, contrast, brightness, scheduler; with no
         size, the model's native one. Bad values raise InvalidParameter before anything is
         stored. A second submit with the same ``idempotency_key`` (even at the same moment
-        from another process) returns the first one's job."""
+        from another process) returns the first one's job.
+
+        With tracing on, the submit is the root span of the job's trace."""
+        with tracing.span("submit", **{"farm.pipeline": pipeline}):
+            job = self._submit(image, pipeline, priority, idempotency_key, params)
+            tracing.annotate(**{"farm.job_id": job.id})
+        return job
+
+    def _submit(
+        self,
+        image: str | Path | bytes | None,
+        pipeline: str,
+        priority: int,
+        idempotency_key: str | None,
+        params: dict,
+    ) -> Job:
         spec = get_pipeline(pipeline)
         canonical = spec.params.validate(self._default_size(spec, params))
         _check_priority(priority)
@@ -160,7 +177,8 @@ class Farm:
     def _send_reopened(self, job: Job, priority: int, stages: list[StageSpec]) -> Job:
         if stages:
             self.ctx.meta.set_state(job.id, status="queued", stage=stages[0].name, step=0)
-            BrokerSender().send(job.id, stages, priority)
+            with tracing.span("resume", **{"farm.job_id": job.id}):
+                BrokerSender().send(job.id, stages, priority)
         return job
 
     def resume_failed(self, batch_id: str | None = None, *, cancelled: bool = False) -> list[Job]:
@@ -201,9 +219,12 @@ class Farm:
         rendered with the same parameters and model are skipped, not rendered again."""
         _check_priority(priority)
         spec = get_pipeline(pipeline)
-        return submit_folder(
-            self, path, recursive, pipeline, priority, self._default_size(spec, params)
-        )
+        with tracing.span("submit folder", **{"farm.pipeline": pipeline}):
+            batch = submit_folder(
+                self, path, recursive, pipeline, priority, self._default_size(spec, params)
+            )
+            tracing.annotate(**{"farm.batch_id": batch.id})
+        return batch
 
     def _default_size(self, pipeline: Pipeline, params: dict) -> dict:
         """A Stable Diffusion pipeline given no size: the model's native one, stored in the

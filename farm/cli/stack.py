@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
+from pydantic import SecretStr
 
 from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env
 from farm.errors import ConfigError
@@ -193,11 +195,8 @@ def flower(
     ),
 ) -> None:
     """Run Flower (Celery monitoring) with basic auth from FARM_FLOWER_USER/PASSWORD."""
-    settings = Settings.from_env()
-    password = settings.flower_password.get_secret_value() if settings.flower_password else None
-    if not password:
-        password = secrets.token_urlsafe(12)
-        err.print(f"FARM_FLOWER_PASSWORD is not set; this run's password: {password}")
+    settings = with_password(Settings.from_env())
+    password = settings.flower_password.get_secret_value()
     # Credentials go through the environment, not argv, so `ps` does not show them.
     os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
     command = [
@@ -212,3 +211,42 @@ def flower(
     ]
     err.print(f"Flower on http://{address}:{port} (user {settings.flower_user})")
     os.execv(command[0], command)
+
+
+def with_password(settings: Settings) -> Settings:
+    """The settings, with a password for this run's basic auth when FARM_FLOWER_PASSWORD is
+    not set (printed, so the operator can log in)."""
+    if settings.flower_password and settings.flower_password.get_secret_value():
+        return settings
+    password = secrets.token_urlsafe(12)
+    err.print(f"FARM_FLOWER_PASSWORD is not set; this run's password: {password}")
+    return settings.model_copy(update={"flower_password": SecretStr(password)})
+
+
+@app.command()
+def metrics(
+    port: int = typer.Option(None, "--port", help="Default: FARM_METRICS_PORT (9460)."),
+    address: str = typer.Option(
+        None, "--address", help="Default: FARM_METRICS_ADDRESS (127.0.0.1)."
+    ),
+) -> None:
+    """Serve farm-wide metrics for Prometheus at /metrics: queue depth per queue and priority,
+    jobs by status, batches in flight, live workers by role. Basic auth as Flower's."""
+    from prometheus_client import CollectorRegistry
+
+    from farm.metrics import http
+    from farm.metrics.farm_wide import FarmCollector
+    from farm.tasks.context import Context
+
+    settings = with_password(Settings.from_env())
+    chosen = {"metrics_port": port, "metrics_address": address}
+    settings = settings.model_copy(update={k: v for k, v in chosen.items() if v is not None})
+    registry = CollectorRegistry()
+    registry.register(FarmCollector(Context(settings)))
+    server = http.serve(registry, settings, settings.metrics_port)
+    host, bound = server.server_address[:2]
+    err.print(f"farm metrics on http://{host}:{bound}/metrics (user {settings.flower_user})")
+    try:
+        threading.Event().wait()
+    except KeyboardInterrupt:
+        server.shutdown()

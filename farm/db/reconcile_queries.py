@@ -21,6 +21,7 @@ class StageRef:
     job_id: str
     spec: StageSpec  # as the job's DAG stores it
     priority: int
+    pipeline: str
 
     @property
     def stage(self) -> str:
@@ -119,6 +120,6 @@ def _refs(session: Session, rows) -> list[StageRef]:
     job_ids = sorted({row.job_id for row in rows})
     if not job_ids:
         return []
-    query = select(Job.id, Job.priority).where(Job.id.in_(job_ids))
-    priority = dict(session.execute(query).all())
-    return [StageRef(row.job_id, spec_of(row), priority[row.job_id]) for row in rows]
+    query = select(Job.id, Job.priority, Job.pipeline).where(Job.id.in_(job_ids))
+    jobs = {job_id: (priority, pipeline) for job_id, priority, pipeline in session.execute(query)}
+    return [StageRef(row.job_id, spec_of(row), *jobs[row.job_id]) for row in rows]

@@ -50,6 +50,7 @@ class JobRow:
     input_key: str | None
     input_offset: int | None  # set when the input is a byte range of a packed object
     input_size: int | None
+    batch_id: str | None  # the batch that first submitted it (traces carry it)
 
 
 _JOB_COLUMNS = tuple(jobs.c[name] for name in JobRow.__dataclass_fields__)
@@ -70,6 +71,7 @@ class Begin:
     job: JobRow | None = None
     spec: StageSpec | None = None  # the stage as its job's DAG stores it, when it runs
     inputs: tuple[InputRecord, ...] = ()  # what the stages it reads recorded, when it runs
+    lost: bool = False  # the delivery before this one started and never finished
 
 
 @dataclass(frozen=True)
@@ -105,9 +107,10 @@ def begin_stage(
     lost = row.lost_runs
     if row.run_status == StageStatus.RUNNING and not retry:
         lost += 1  # the previous delivery started and never finished: its worker died
+    was_lost = lost > row.lost_runs
     if lost >= max_lost:
         conn.execute(update(runs).where(stage_is(job_id, stage)).values(lost_runs=lost))
-        return Begin(BeginAction.CRASHED, attempt=row.attempts, job=job)
+        return Begin(BeginAction.CRASHED, attempt=row.attempts, job=job, spec=spec, lost=was_lost)
     attempt = row.attempts + 1
     conn.execute(
         update(runs)
@@ -127,7 +130,7 @@ def begin_stage(
     )
     started = func.coalesce(jobs.c.started_at, func.now())
     update_job(conn, job_id, status=JobStatus.RUNNING, current_stage=stage, started_at=started)
-    return Begin(BeginAction.RUN, attempt=attempt, job=job, spec=spec, inputs=inputs)
+    return Begin(BeginAction.RUN, attempt, job, spec, inputs, lost=was_lost)
 
 
 def input_records(

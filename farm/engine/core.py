@@ -28,6 +28,7 @@ from farm.engine import calls
 from farm.engine.calls import Call
 from farm.engine.progress import Reporter
 from farm.errors import GpuOutOfMemory, WorkerStopping
+from farm.metrics import worker as metrics
 from farm.models import ModelBundle
 from farm.storage.metadata import Metadata
 from farm.tasks import faults
@@ -230,14 +231,15 @@ class Engine(threading.Thread):
         took = time.perf_counter() - started
         self.busy_s += took
         self._tick_s = 0.8 * self._tick_s + 0.2 * took
-        self._count(tick)
+        self._count(tick, took)
         for call, answer in zip(tick, answers, strict=True):
             call.answer(answer)
 
-    def _count(self, tick: list[Call]) -> None:
+    def _count(self, tick: list[Call], took: float) -> None:
         self.model_calls += 1
         self.unet_calls += tick[0].name == "unet"
         self.jobs_in_calls += len(tick)
+        metrics.observe_model_call(tick[0].name, len(tick), took)
         for call in tick:
             call.member.calls += 1
             call.member.jobs_in_calls += len(tick)

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import json
 import logging
+import secrets
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -61,6 +62,8 @@ class LocalStack:
         start = time.monotonic()
         with self._locked():
             state = self._load() or self._fresh_state()
+            # One password for the consoles (Flower, farm ui, metrics), kept with the others.
+            state.setdefault("console", {"password": secrets.token_urlsafe(16)})
             self._ensure_running(SERVICES, state, start)
             info = self._info(state)
             if migrate:
@@ -175,6 +178,7 @@ class LocalStack:
             s3_access_key=s3.st["access_key"],
             s3_secret_key=s3.st["secret_key"],
             s3_bucket=BUCKET,
+            console_password=state.get("console", {}).get("password"),
         )
 
     def _write_env(self, info: StackInfo) -> None:

@@ -18,6 +18,7 @@ from kombu import Exchange, Queue
 
 from farm.config import Settings
 from farm.errors import ConfigError
+from farm.metrics import multiproc
 from farm.pipelines import QUEUES
 
 TASK_FOR_QUEUE = {"cpu": "farm.cpu.run_stage", "gpu": "farm.gpu.run_stage"}
@@ -184,3 +185,5 @@ def _refuse_bad_settings(**_: object) -> None:
     if startup_error is not None:
         print(f"error {startup_error.code}: {startup_error.message}", file=sys.stderr, flush=True)
         raise SystemExit(2)
+    # Before the task modules (which define the metrics) load and the pool forks.
+    multiproc.prepare()

@@ -27,6 +27,7 @@ import redis
 from amqp.exceptions import AccessRefused
 from kombu.exceptions import KombuError, OperationalError
 
+from farm import tracing
 from farm.config import mask_url
 from farm.db.job_records import get_job, queued_and_ready
 from farm.db.models import JobStatus
@@ -114,11 +115,12 @@ def send_stage(
 ) -> None:
     """A message for one stage, on the queue its job's DAG names. ``producer``: reuse one
     broker connection across many sends (a folder's chunk). ``countdown``: seconds before a
-    worker may run it (a retry's backoff)."""
+    worker may run it (a retry's backoff). The current trace context rides in the headers."""
     try:
         app.send_task(
             task_for(spec.queue),
             args=(job_id, spec.name),
+            headers=tracing.carrier() or None,
             queue=spec.queue,
             priority=celery_priority(priority),
             producer=producer,

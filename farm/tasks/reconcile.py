@@ -20,6 +20,7 @@ import logging
 from farm.db import reconcile_queries as queries
 from farm.db.session import session_scope, transaction
 from farm.errors import MetadataError
+from farm.metrics import worker as metrics
 from farm.pipelines import all_queues
 from farm.storage import keys
 from farm.tasks.broker_scan import held_stages
@@ -64,6 +65,8 @@ def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
         dead = queries.expire_stages(s, ttl, [r for r in stale if (r[0], r[1]) not in alive])
     for ref in dead:  # recorded queued now: one the broker cannot take is sent on a later pass
         log.warning("re-enqueueing %s/%s: its worker stopped beating", ref.job_id, ref.stage)
+        metrics.RECONCILER_RESENDS.labels("dead_worker").inc()
+        metrics.STAGES.labels(ref.pipeline, ref.spec.op, ref.spec.queue, "lost").inc()
         send_or_leave(sender, ref.job_id, [ref.spec], ref.priority)
     return [(ref.job_id, ref.stage) for ref in dead]
 
@@ -91,6 +94,7 @@ def resend_lost(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
     lost = [ref for ref in waiting if (ref.job_id, ref.stage) not in held]
     for ref in lost:
         log.warning("re-sending %s/%s: the broker lost its message", ref.job_id, ref.stage)
+        metrics.RECONCILER_RESENDS.labels("lost_message").inc()
         sender.send(ref.job_id, [ref.spec], ref.priority)
     with transaction(ctx.db_url) as conn:
         queries.touch_queued(conn, lost)

@@ -7,12 +7,14 @@ the attempt number; only then does farm.tasks.dispatch hand on what became ready
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
-from farm import engine
+from farm import engine, tracing
 from farm.db import stage_records
 from farm.db.session import transaction
 from farm.db.stage_records import BeginAction, Checkpoint, InputRecord, JobRow, Outcome, Rebuild
@@ -31,6 +33,7 @@ from farm.errors import (
     StageFailed,
     UnknownPipeline,
 )
+from farm.metrics import worker as metrics
 from farm.pipelines import Pipeline, Stage, StageSpec, get_pipeline
 from farm.plugins import plugin_errors
 from farm.storage import keys
@@ -124,10 +127,30 @@ class StageRun:
         self.spec: StageSpec | None = None  # once begun: the stage as its job stored it
         self.inputs: tuple[InputRecord, ...] = ()  # once begun: the checkpoints it reads
         self.member: engine.Member | None = None  # while it calls the model through the engine
+        self.trace_headers: dict[str, str] = {}  # its span, for a stage continued after it
         self._cancelled = False
 
     def execute(self) -> str:
-        """Run the stage unless it is done, taken, or its job is over. Returns what happened."""
+        """Run the stage unless it is done, taken, or its job is over. Returns what happened:
+        also the ``outcome`` of its metrics. An exception escaping it is a transient fault
+        (Celery retries the stage): ``retried``."""
+        started, outcome = time.perf_counter(), "retried"
+        ids = {"farm.job_id": self.job_id, "farm.stage": self.stage, "farm.worker": self.worker}
+        with tracing.span("stage", **ids):
+            try:
+                outcome = self._execute()
+                return outcome
+            finally:
+                tracing.annotate(**{"farm.outcome": outcome})
+                self._count(outcome, time.perf_counter() - started)
+
+    def _count(self, outcome: str, seconds: float) -> None:
+        """The delivery's outcome and wall time, labelled by what its job's DAG says it is."""
+        labels = (self.job.pipeline if self.job else "", *self._stage_labels())
+        metrics.STAGES.labels(*labels, outcome).inc()
+        metrics.STAGE_SECONDS.labels(*labels, outcome).observe(seconds)
+
+    def _execute(self) -> str:
         meta = self.ctx.meta
         if not meta.acquire_lease(self.job_id, self.stage, self.token, self.ctx.settings.lease_ttl):
             return "duplicate"  # another delivery is running this stage right now
@@ -141,12 +164,12 @@ class StageRun:
     def _execute_with_lease(self) -> str:
         action = self._begin()
         if action == BeginAction.CRASHED:
-            return "failed"
+            return "crashed"
         if action == BeginAction.SKIP:
             # A redelivered, finished stage: its first delivery may have died between commit
             # and send, so its successors' messages go out again (a duplicate is a no-op).
             dispatch.resend_ready(self.ctx, self.job_id, self.sender)
-            return "skip"
+            return "skipped"
         try:
             return self._run_and_commit()
         except JobCancelled:
@@ -199,12 +222,13 @@ class StageRun:
 
     # 1. take the stage in Postgres (attempt + 1), start heartbeating
     def _begin(self) -> BeginAction:
-        with transaction(self.ctx.db_url) as conn:
+        with _measured("record begin", "begin"), transaction(self.ctx.db_url) as conn:
             max_lost = self.ctx.settings.max_deliveries
             begin = stage_records.begin_stage(
                 conn, self.job_id, self.stage, self.worker, max_lost, retry=self.retry
             )
         self.job, self.spec, self.inputs = begin.job, begin.spec, begin.inputs
+        self._describe(begin)
         if begin.action == BeginAction.CRASHED:
             crash = StageCrashed(
                 f"{self.stage} killed its worker {begin.attempt} times; giving up. "
@@ -220,13 +244,43 @@ class StageRun:
             self._cancelled = bool(self._live("report_step", self.job_id, **started))
         return begin.action
 
+    def _describe(self, begin: stage_records.Begin) -> None:
+        """What the stage's span and metrics say of it, once its record is read."""
+        job, spec = begin.job, begin.spec
+        if spec is not None:
+            tracing.rename(f"stage {spec.op}")
+        tracing.annotate(
+            **{
+                "farm.pipeline": job.pipeline if job else None,
+                "farm.batch_id": job.batch_id if job else None,
+                "farm.op": spec.op if spec else None,
+                "farm.queue": spec.queue if spec else None,
+                "farm.attempt": begin.attempt,
+            }
+        )
+        # A delivery that died counts nothing: the one after it counts it lost (or the
+        # reconciler, when it found it dead first: farm.tasks.reconcile).
+        if begin.lost:
+            metrics.STAGES.labels(job.pipeline, *self._stage_labels(), "lost").inc()
+        if begin.action == BeginAction.RUN:
+            metrics.STAGES.labels(job.pipeline, *self._stage_labels(), "started").inc()
+
+    def _stage_labels(self) -> tuple[str, str]:
+        """Stage function and queue; before the record is read (a duplicate delivery), only
+        the queue this worker took it from."""
+        if self.spec is None:
+            return "", self.serves or ""
+        return self.spec.op, self.spec.queue
+
     # 2. load inputs, run the plain stage function
     def _run_op(self, pipeline: Pipeline, op: Stage, params):
-        inputs = self._load_inputs(op)
+        with tracing.span("input read"):
+            inputs = self._load_inputs(op)
         model = models.load(pipeline, op.model, self.ctx.settings) if op.model else None
         with engine.joined(self.job_id, self.stage, model) as (model, self.member):
             try:
-                return op.run(inputs, params, model, Hooks(self))
+                with tracing.span("model call" if op.model else "compute"):
+                    return op.run(inputs, params, model, Hooks(self))
             except Exception as exc:
                 if self.member is not None and engine.is_out_of_memory(exc):
                     # Out of memory in the job's own work (its scheduler step) while the
@@ -254,9 +308,13 @@ class StageRun:
         if job.input_key is None:
             return None
         try:
-            if job.input_size is None:
-                return store.get(job.input_key)
-            return store.get_range(job.input_key, job.input_offset or 0, job.input_size)
+            with _measured(None, "input") as measure:
+                if job.input_size is None:
+                    data = store.get(job.input_key)
+                else:
+                    data = store.get_range(job.input_key, job.input_offset or 0, job.input_size)
+                measure.bytes = len(data)
+            return data
         except ArtifactMissing as exc:
             raise InputMissing(
                 f"The input of job {self.job_id} ({job.input_key}) is gone from the store; "
@@ -267,7 +325,10 @@ class StageRun:
         key = record.key or keys.artifact_key(self.job_id, record.stage)
         recorded = Recorded(self.job_id, record.stage, key, record.size, record.checksum)
         try:
-            return read_recorded(self.ctx.store, recorded)
+            with _measured(None, "read") as measure:
+                data = read_recorded(self.ctx.store, recorded)
+                measure.bytes = len(data)
+            return data
         except (ArtifactMissing, ArtifactCorrupt) as exc:
             raise InputLost(record.stage, exc) from exc
 
@@ -277,12 +338,14 @@ class StageRun:
         kind = KINDS[op.writes]
         data, key = kind.encode(output), keys.artifact_key(self.job_id, self.stage, kind.suffix)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "upload")
-        self.ctx.store.put(key, data)
+        with _measured("checkpoint write", "write") as measure:
+            self.ctx.store.put(key, data)
+            measure.bytes = len(data)
         faults.maybe_inject(self.ctx.meta, self.job_id, self.stage, "commit")
         checkpoint = Checkpoint(
             key, len(data), sha256_hex(data), duration, kind.content_type, *self._shared_calls()
         )
-        with transaction(self.ctx.db_url) as conn:
+        with _measured("record commit", "complete"), transaction(self.ctx.db_url) as conn:
             done = stage_records.complete_stage(
                 conn, self.job_id, self.stage, self.attempt, checkpoint
             )
@@ -311,6 +374,7 @@ class StageRun:
             return
         nxt = dispatch.plan(ready, self.serves)
         self.continue_with = nxt.continue_with
+        self.trace_headers = tracing.carrier()
         dispatch.send_or_leave(self.sender, self.job_id, nxt.send, self.job.priority)
         if not self.continue_with:  # a continued stage publishes its own start
             self._live("set_state", self.job_id, status="running", stage=ready[0].name, step=0)
@@ -350,7 +414,7 @@ class StageRun:
     def _record_cancel(self) -> None:
         """Stopped between steps: the job was cancelled, or another branch failed it (its
         status and error stay the failing branch's)."""
-        with transaction(self.ctx.db_url) as conn:
+        with _measured("record cancel", "cancel"), transaction(self.ctx.db_url) as conn:
             cancelled = stage_records.cancel_stage(conn, self.job_id, self.stage, self.attempt)
         if cancelled:
             self._live("finish", self.job_id, "cancelled")
@@ -376,7 +440,7 @@ class StageRun:
 
     def _fail(self, code: str, message: str) -> None:
         log.warning("%s/%s failed: %s: %s", self.job_id, self.stage, code, message)
-        with transaction(self.ctx.db_url) as conn:
+        with _measured("record fail", "fail"), transaction(self.ctx.db_url) as conn:
             failed = stage_records.fail_stage(
                 conn, self.job_id, self.stage, self.attempt, code, message
             )
@@ -387,6 +451,26 @@ class StageRun:
                 self._live("request_cancel", self.job_id)
         if failed:
             self._live("finish", self.job_id, "failed")
+
+
+class _Measure:
+    bytes = 0  # what the measured read or write moved, when it moves bytes
+
+
+@contextlib.contextmanager
+def _measured(span: str | None, op: str) -> Iterator[_Measure]:
+    """A child span named ``span`` (none if None), and the latency of ``op``: a record's
+    transaction (begin, complete, cancel, fail), or a checkpoint's write or read, or the
+    submitted input's read, whose bytes count too."""
+    measure, started = _Measure(), time.perf_counter()
+    with tracing.span(span) if span else contextlib.nullcontext():
+        yield measure
+    took = time.perf_counter() - started
+    if op in ("write", "read", "input"):
+        metrics.CHECKPOINT_SECONDS.labels(op).observe(took)
+        metrics.CHECKPOINT_BYTES.labels(op).inc(measure.bytes)
+    else:
+        metrics.RECORD_COMMIT_SECONDS.labels(op).observe(took)
 
 
 class Hooks:

@@ -8,6 +8,7 @@ import random
 
 from celery import Task
 
+from farm import tracing
 from farm.errors import FarmError
 from farm.tasks import context, dispatch
 from farm.tasks.app import ANY_QUEUE_TASK, app
@@ -27,7 +28,8 @@ def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
     ctx, worker, retry = context.current(), task.request.hostname, bool(task.request.retries)
     run = StageRun(ctx, job_id, stage, worker, retry, queue)
     try:
-        outcome = run.execute()
+        with tracing.continued(tracing.headers_of(task.request)):
+            outcome = run.execute()
     except FarmError as exc:
         if not exc.retryable:
             raise
@@ -36,10 +38,11 @@ def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
         ) from exc
     job = run.job  # known once the delivered stage ran: what a continued stage's retry needs
     while run.continue_with:
-        spec = run.continue_with
+        spec, parent = run.continue_with, run.trace_headers
         run = StageRun(ctx, job_id, spec.name, worker, serves=queue)
         try:
-            outcome = run.execute()
+            with tracing.continued(parent):
+                outcome = run.execute()
         except FarmError as exc:
             if not exc.retryable:
                 raise

@@ -10,9 +10,11 @@ import time
 
 from celery import signals
 
-from farm import engine
+from farm import engine, tracing
 from farm.db.session import dispose_engines
-from farm.errors import FarmError
+from farm.errors import ConfigError, FarmError
+from farm.metrics import http, multiproc
+from farm.metrics import worker as worker_metrics
 from farm.pipelines import all_pipelines
 from farm.storage import keys
 from farm.tasks import context, kombu_fixes
@@ -20,14 +22,15 @@ from farm.tasks.reconcile import reconcile_once_across_farm
 
 log = logging.getLogger(__name__)
 kombu_fixes.apply()  # this module loads in every worker process, before it consumes
+METRICS_PORTS = 32  # several workers on one host: each takes the next free port from the first
 
 
 class Beat(threading.Thread):
     """Publishes this worker's heartbeat and runs the reconciler now and then."""
 
-    def __init__(self, name: str, queues: list[str]) -> None:
+    def __init__(self, name: str, queues: list[str], metrics: str | None) -> None:
         super().__init__(daemon=True, name="farm-beat")
-        self.worker_name, self.queues = name, queues
+        self.worker_name, self.queues, self.metrics = name, queues, metrics
         self.stop_event = threading.Event()
 
     def run(self) -> None:
@@ -36,6 +39,7 @@ class Beat(threading.Thread):
             "queues": self.queues,
             "pid": os.getpid(),
             "role": os.environ.get("FARM_WORKER_ROLE", ",".join(self.queues)),
+            "metrics": self.metrics,  # host:port of its endpoint, None when it serves none
         }
         next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
         while not self.stop_event.is_set():
@@ -55,6 +59,7 @@ class Beat(threading.Thread):
 
 
 _beat: Beat | None = None
+_metrics_server = None
 
 
 @signals.worker_init.connect
@@ -69,13 +74,21 @@ def _after_fork(**_: object) -> None:
     # A prefork child must not share its parent's database or Redis sockets.
     dispose_engines()
     context.reset()
+    tracing.setup(context.current().settings, _service())
+
+
+@signals.worker_process_shutdown.connect
+def _child_stops(**_: object) -> None:
+    tracing.shutdown()  # export what it buffered
 
 
 @signals.worker_ready.connect
 def _start(sender, **_: object) -> None:
     global _beat
+    settings = context.current().settings
+    tracing.setup(settings, _service())  # solo and thread pools run stages in this process
     queues = sorted(sender.app.amqp.queues.consume_from)
-    _beat = Beat(sender.hostname, queues)
+    _beat = Beat(sender.hostname, queues, _serve_metrics(settings))
     _beat.start()
     if "gpu" in queues:
         _warm_model()
@@ -90,6 +103,34 @@ def _stop(**_: object) -> None:
     if _beat is not None:
         _beat.stop()
     engine.stop()
+    if _metrics_server is not None:
+        _metrics_server.shutdown()
+    tracing.shutdown()
+    multiproc.remove()
+
+
+def _service() -> str:
+    """The service name its spans carry: farm-worker-ROLE."""
+    return f"farm-worker-{os.environ.get('FARM_WORKER_ROLE') or 'any'}"
+
+
+def _serve_metrics(settings) -> str | None:
+    """This worker's metrics endpoint (every pool process's counts, its engine's state), on
+    the first free port from FARM_WORKER_METRICS_PORT; host:port, or None when off."""
+    global _metrics_server
+    if not settings.worker_metrics_port:
+        return None
+    registry = worker_metrics.registry(lambda: _engine_stats().get("engine"))
+    try:
+        _metrics_server = http.serve(
+            registry, settings, settings.worker_metrics_port, tries=METRICS_PORTS
+        )
+    except ConfigError as exc:
+        log.warning("no metrics endpoint: %s", exc.message)
+        return None
+    host, port = _metrics_server.server_address[:2]
+    log.info("metrics on http://%s:%d/metrics", host, port)
+    return f"{host}:{port}"
 
 
 def _engine_stats() -> dict[str, dict[str, int | float]]:
