@@ -1,5 +1,5 @@
-"""The live per-stage view: `farm status --watch` as a user runs it, in a pipe and in a terminal
-(a pseudo-terminal: rich's Live only redraws on one)."""
+"""The live per-stage view: `farm status --watch` and `farm render` of one input, as a user runs
+them, in a pipe and in a terminal (a pseudo-terminal: rich's Live only redraws on one)."""
 
 from __future__ import annotations
 
@@ -9,13 +9,14 @@ import select
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
 from farm.pipelines import get_pipeline
 from farm.tasks import faults
 from tests.helpers import sample_png
-from tests.test_cli import FARM, run_farm, user_env
+from tests.test_cli import FARM, FAST, run_farm, user_env
 
 PARAMS = {"size": 64, "steps": 6, "seed": 2, "prompt": "a quiet harbour"}
 STAGES = [s.name for s in get_pipeline("img2img").stages]
@@ -150,3 +151,18 @@ def test_ctrl_c_stops_watching_without_a_traceback(farm, farm_env, running, meta
         faults.disarm(meta, job.id, "denoise", "step")
     assert f"stopped watching job {job.id}" in terminal.text
     assert "Traceback" not in terminal.text
+
+
+def test_render_of_one_input_in_a_terminal_shows_its_stages(
+    farm_env, running, tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "one.png").write_bytes(sample_png(64, hue=65))
+    args = ["render", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *FAST]
+    terminal = Terminal(args, farm_env)
+    assert terminal.finish() == 0, terminal.text
+    assert "1 inputs: 1 done" in terminal.text
+    header = re.findall(r"job [0-9a-f]{32}  done  pipeline img2img", terminal.text)
+    assert header, terminal.text
+    assert_all_done(terminal.text.rpartition(header[-1])[2])
+    assert (tmp_path / "out" / "one.png").is_file()

@@ -1,6 +1,7 @@
 """One job as a terminal shows it: its status line, its error, what it waits on, and a table
 with one row per stage of its DAG, the running stage's steps drawn as a bar. `farm status`
-prints it, `farm status --watch` keeps it live."""
+prints it, `farm status --watch` keeps it live, `farm render` of one input shows it above its
+bars."""
 
 from __future__ import annotations
 
