@@ -8,7 +8,7 @@ import hashlib
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from functools import partial
 from pathlib import Path, PurePosixPath
 
@@ -34,7 +34,7 @@ from farm.job import (
 )
 from farm.job import Progress as JobProgress
 from farm.storage.verified import read_recorded
-from farm.waiting import Outage
+from farm.waiting import Outage, Patience
 
 POLL_S = 0.5
 SHOWN_RUNNING = 4  # per-job lines under the overall bar
@@ -136,10 +136,20 @@ class Follower:
     (out of space, say), or a queue no worker consumes."""
 
     def __init__(
-        self, farm: Farm, batch: Batch, out_dir: Path, console: Console, suffix: str = ".png"
+        self,
+        farm: Farm,
+        batch: Batch,
+        out_dir: Path,
+        console: Console,
+        suffix: str = ".png",
+        view: Callable[[Job, Patience], RenderableType] | None = None,
     ) -> None:
-        """``suffix``: of the output files, from the kind the pipeline's final stage writes."""
+        """``suffix``: of the output files, from the kind the pipeline's final stage writes.
+        ``view(job, live)``: for a batch of one job followed on a terminal, what to show of
+        that job above the bars, read at each poll (farm.cli.job_view.JobView.read), ``live``
+        riding out an outage of Redis."""
         self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
+        self.view = view
         self.finished: set[str] = set()
         self.saved: dict[str, tuple[str, bool]] = {}  # done job -> its output, whether written
         self.outputs, self.renamed = _plan_outputs(farm, batch, suffix)
@@ -183,13 +193,16 @@ class Follower:
             MofNCompleteColumn(),
             TimeElapsedColumn(),
         )
-        with Progress(*columns, console=self.console, transient=False) as bars:
+        with _Bars(*columns, console=self.console, transient=False) as bars:
             overall = bars.add_task("rendering", total=None)
             lines = [bars.add_task("", total=None, visible=False) for _ in range(SHOWN_RUNNING)]
             while True:
                 jobs, _ = self._poll()
                 bars.update(overall, total=len(jobs), completed=len(self.finished))
                 self._show_running(bars, lines, jobs)
+                if self.view is not None and len(jobs) == 1:
+                    job = Job(self.farm.ctx, jobs[0].id)
+                    bars.above = self.records.call(partial(self.view, job, self.live))
                 if all(j.finished for j in jobs):
                     return jobs
                 time.sleep(POLL_S)
@@ -300,6 +313,17 @@ class Follower:
             bars.update(line, description=text, total=total, completed=p.step, visible=True)
         for line in lines[len(running) :]:
             bars.update(line, visible=False)
+
+
+class _Bars(Progress):
+    """Progress bars with something drawn above them (``above``), redrawn with them."""
+
+    above: RenderableType | None = None
+
+    def get_renderables(self) -> Iterable[RenderableType]:
+        if self.above is not None:
+            yield self.above
+        yield from super().get_renderables()
 
 
 def summary(jobs: list[JobInfo], skipped: list[str]) -> RenderableType:

@@ -16,6 +16,7 @@ import typer.core
 
 from farm.api import Farm
 from farm.cli.app import DataDir, app, console, err
+from farm.cli.job_view import JobView
 from farm.cli.stack import _data_dir
 from farm.config import Settings, is_configured
 from farm.errors import ConfigError, InvalidParameter
@@ -187,7 +188,7 @@ def render(
             )
             console.print(f"batch {batch.id}", highlight=False)
             suffix = get_pipeline(render.pipeline).output_suffix
-            follower = Follower(farm, batch, output, console, suffix)
+            follower = Follower(farm, batch, output, console, suffix, JobView.read)
             jobs = follower.run()
     except KeyboardInterrupt:
         err.print(_interrupted(batch, embedded=embedded), soft_wrap=True, highlight=False)

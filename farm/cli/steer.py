@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 from dataclasses import asdict
@@ -10,80 +9,46 @@ from datetime import datetime
 from pathlib import Path
 
 import typer
-from rich.markup import escape
 from rich.table import Column, Table
 
 from farm.api import Farm
-from farm.cli.app import TIMES, JobId, app, console
+from farm.cli.app import JobId, app, console, err
+from farm.cli.job_view import JobView, watch
 from farm.errors import ConfigError
 
 
 @app.command()
-def status(job_id: str = JobId, as_json: bool = typer.Option(False, "--json")) -> None:
-    """A job's status and its stage table (status, attempts, lost runs, worker, duration, and
-    the batched GPU calls its stages shared with other jobs, when they made any)."""
+def status(
+    job_id: str = JobId,
+    as_json: bool = typer.Option(False, "--json"),
+    watching: bool = typer.Option(
+        False, "--watch", help="Redraw the view until the job is done, failed or cancelled."
+    ),
+    interval: float = typer.Option(0.5, "--interval", help="Seconds between redraws (--watch)."),
+) -> None:
+    """A job's status and its stage table (status, attempts, lost runs, worker, duration, the
+    running stage's steps, and the batched GPU calls its stages shared with other jobs, when
+    they made any)."""
+    if watching and as_json:
+        raise ConfigError("--watch draws a live table, not JSON; drop one of --watch and --json")
+    if interval <= 0:
+        raise ConfigError(f"--interval {interval}: give a number of seconds above 0")
     job = Farm.from_env().get(job_id)
-    info, stages = job.info(), job.stages()
     if as_json:
         payload = {
-            **_jsonable(asdict(info)),
-            "stages": [_jsonable(asdict(s)) for s in stages],
+            **_jsonable(asdict(job.info())),
+            "stages": [_jsonable(asdict(s)) for s in job.stages()],
             "progress": asdict(job.progress()),
         }
         console.print_json(json.dumps(payload))
-        return
-    console.print(f"job {info.id}  [bold]{info.status}[/]  pipeline {info.pipeline}")
-    if info.error_code:
-        console.print(f"[red]{info.error_code}[/]: {info.error_message}")
-    if info.waiting_on:
-        # the reason is the service's own words: never read as markup
-        console.print(f"[yellow]waiting on {info.waiting_on}[/]: {escape(info.waiting_reason)}")
-    for s in stages:
-        if s.lost_runs:
-            console.print(
-                f"[yellow]{s.name}[/]: its worker died {s.lost_runs} time(s) mid-stage; "
-                "the stage was sent again"
-            )
-        if s.rebuilds:
-            console.print(
-                f"[yellow]{s.name}[/]: ran again {s.rebuilds} time(s) after it was done, "
-                "because a later stage found its checkpoint gone or changed"
-            )
-    console.print(_stage_table(stages))
-
-
-def _stage_table(stages: list) -> Table:
-    """One row per stage; a DAG that is not a chain also shows what each stage comes after,
-    which is where its branches part and join, and a job whose stages shared batched model
-    calls with other jobs shows how many calls and how full they were."""
-    branched = not _is_chain(stages)
-    batched = any(s.model_calls is not None for s in stages)
-    after = ("after",) if branched else ()
-    calls = ("GPU calls",) if batched else ()
-    table = Table("stage", "queue", *after, "status", "attempts", "lost", "worker", "duration",
-                  *calls, "artifact")  # fmt: skip
-    for s in stages:
-        duration = f"{s.duration_s:.2f} s" if s.duration_s is not None else ""
-        size = f"{s.artifact_size:,} B" if s.artifact_size else ""
-        state = f"{s.status}, waiting on {s.waiting_on}" if s.waiting_on else s.status
-        dag = (", ".join(s.after),) if branched else ()
-        shared = (_model_calls(s),) if batched else ()
-        row = (s.name, s.queue, *dag, state, str(s.attempts), str(s.lost_runs), s.worker or "")
-        table.add_row(*row, duration, *shared, size)
-    return table
-
-
-def _model_calls(stage) -> str:
-    """The batched model calls and the mean number of jobs in each: ``12 TIMES 3.4 jobs``."""
-    if stage.model_calls is None:  # recorded together with jobs_per_call
-        return ""
-    return f"{stage.model_calls} {TIMES} {stage.jobs_per_call:.1f} jobs"
-
-
-def _is_chain(stages: list) -> bool:
-    """Each stage after the one listed before it: a linear pipeline (img2img, txt2img)."""
-    first_reads_input = not stages or not stages[0].after
-    return first_reads_input and all(s.after == (p.name,) for p, s in itertools.pairwise(stages))
+    elif not watching:
+        console.print(JobView.read(job))
+    else:
+        try:
+            watch(job, console, interval)
+        except KeyboardInterrupt:
+            err.print(f"stopped watching job {job.id}; it goes on", highlight=False)
+            raise typer.Exit(130) from None
 
 
 @app.command()
