@@ -1,6 +1,6 @@
 """``python -m benchmarks [NAME ...]``: run the CPU benchmarks on a fresh local stack.
 
-With no names it runs overhead, e2e, engine, resume, bulk_submit, join and batch_bound
+With no names it runs overhead, observe, e2e, engine, resume, bulk_submit, join and batch_bound
 (``make bench``); each writes ``benchmarks/results/NAME.json`` and a summary table is printed
 at the end. The GPU benchmark has its own entry point (``python -m benchmarks.gpu``) because it
 needs CUDA.
@@ -16,7 +16,16 @@ import time
 
 from benchmarks.harness import Row, bench_session, print_table, write_result
 
-CPU_BENCHMARKS = ("overhead", "e2e", "engine", "resume", "bulk_submit", "join", "batch_bound")
+CPU_BENCHMARKS = (
+    "overhead",
+    "observe",
+    "e2e",
+    "engine",
+    "resume",
+    "bulk_submit",
+    "join",
+    "batch_bound",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -50,6 +50,10 @@ def up(
         _print_workers(workers)
     _print_reused(stack, workers)
     console.print(f"  settings  {info.data_dir / ENV_FILE_NAME}")
+    console.print(
+        "  consoles  farm ui, farm flower, farm metrics and the workers' /metrics: user farm,"
+        " password FARM_FLOWER_PASSWORD in that file"
+    )
     if data_dir is not None:
         _remember(root)
 

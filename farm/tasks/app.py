@@ -148,17 +148,19 @@ def celery_priority(priority: int) -> int:
 
 startup_error: ConfigError | None = None  # what _worker_defaults could not read
 _signing_from_env = False  # _worker_defaults found signing settings
+_serves_metrics = False  # _worker_defaults found a metrics port (FARM_WORKER_METRICS_PORT)
 
 
 def _worker_defaults() -> dict:
     """The settings `celery -A farm.tasks worker` runs with, read from the environment when
     Celery first reads its configuration (never at import). A bad setting is kept, not raised
     here: the worker reports it as one line and exits (farm.tasks.worker)."""
-    global startup_error, _signing_from_env
+    global startup_error, _signing_from_env, _serves_metrics
     try:
         settings = Settings.from_env()
         conf = farm_config(settings, os.environ.get("FARM_WORKER_ROLE") or None)
         _signing_from_env = settings.signing
+        _serves_metrics = bool(settings.worker_metrics_port)
     except ConfigError as exc:
         startup_error = exc
         return {}
@@ -185,5 +187,5 @@ def _refuse_bad_settings(**_: object) -> None:
     if startup_error is not None:
         print(f"error {startup_error.code}: {startup_error.message}", file=sys.stderr, flush=True)
         raise SystemExit(2)
-    # Before the task modules (which define the metrics) load and the pool forks.
-    multiproc.prepare()
+    if _serves_metrics:  # before the pool forks: its children count into the folder
+        multiproc.prepare()
