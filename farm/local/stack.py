@@ -62,8 +62,6 @@ class LocalStack:
         start = time.monotonic()
         with self._locked():
             state = self._load() or self._fresh_state()
-            # One password for the consoles (Flower, farm ui, metrics), kept with the others.
-            state.setdefault("console", {"password": secrets.token_urlsafe(16)})
             self._ensure_running(SERVICES, state, start)
             info = self._info(state)
             if migrate:
@@ -178,8 +176,16 @@ class LocalStack:
             s3_access_key=s3.st["access_key"],
             s3_secret_key=s3.st["secret_key"],
             s3_bucket=BUCKET,
-            console_password=state.get("console", {}).get("password"),
+            console_password=self._console_password(),
         )
+
+    def _console_password(self) -> str:
+        """One password for the consoles (Flower, farm ui, metrics), made once and kept,
+        like the servers' secrets, beside stack.json."""
+        path = self.data_dir / "console-password"
+        if not path.exists():
+            write_private(path, secrets.token_urlsafe(16))
+        return path.read_text().strip()
 
     def _write_env(self, info: StackInfo) -> None:
         write_private(self.env_path, "".join(f"{k}={v}\n" for k, v in info.env().items()))
