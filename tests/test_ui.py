@@ -147,9 +147,12 @@ def test_every_route_refuses_requests_without_the_password(farm, running, ui, tm
             status, headers = request(url, auth, method, {} if method == "POST" else None)
             assert status == 401, f"{method} {path} with {auth!r} answered {status}"
             assert headers["WWW-Authenticate"].startswith("Basic ")
-    authed = f"{USER}:{PASSWORD}"
-    for path in ("/static/ui.js", f"/jobs/{job.id}/live", f"/jobs/{job.id}/output"):
-        assert request(ui + path, authed)[0] == 200, path
+    authed = f"{USER}:{PASSWORD}"  # with it, every page renders (the unknown one is a 404)
+    for method, path in ROUTES:
+        if method == "GET":
+            expected = 404 if path == "/no/such/page" else 200
+            url = ui + path.format(batch=batch.id, job=job.id)
+            assert request(url, authed)[0] == expected, path
     assert farm.get(job.id).status() == "done"
 
 
