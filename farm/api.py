@@ -14,7 +14,7 @@ from typing import Any
 
 from farm import job as job_queries
 from farm import tracing
-from farm.batch import Batch
+from farm.batch import Batch, BatchInfo, recent_batches
 from farm.config import Settings
 from farm.db import job_records
 from farm.db.models import JobStatus
@@ -238,6 +238,10 @@ class Farm:
     def batch(self, batch_id: str) -> Batch:
         return Batch(self.ctx, batch_id)
 
+    def batches(self, limit: int = 50) -> list[BatchInfo]:
+        """Batch records, newest first."""
+        return recent_batches(self.ctx, limit)
+
     @property
     def model_id(self) -> str:
         """What the idempotency key calls the model: its folder, or the built-in tiny one."""
@@ -254,6 +258,10 @@ class Farm:
         """The live workers' heartbeats: name, role, queues, pid, ``at`` (the beat's time) and,
         for a gpu worker, ``engine``: its model calls, jobs per call, batch cap, OOMs, busy time."""
         return self.ctx.meta.workers()
+
+    def running_stages(self) -> dict[str, list[tuple[str, str]]]:
+        """Worker name -> the (job id, stage) its records say it is running now."""
+        return job_queries.running_stages(self.ctx)
 
     def jobs(
         self, status: str | None = None, batch: str | None = None, limit: int | None = 1000

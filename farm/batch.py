@@ -5,9 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime
 
 from sqlalchemy import func, select
 
+from farm.db.models import Batch as BatchRow
 from farm.db.models import BatchJob, JobStatus
 from farm.db.models import Job as JobRow
 from farm.db.session import session_scope
@@ -32,6 +34,15 @@ class BatchCounts:
         return self.queued + self.running == 0
 
 
+@dataclass(frozen=True)
+class BatchInfo:
+    """A batch's record: what was submitted, and when."""
+
+    id: str
+    source: str | None  # the folder, as the submitter named it
+    created_at: datetime
+
+
 class Batch:
     """A handle on a submitted folder."""
 
@@ -41,6 +52,12 @@ class Batch:
 
     def __repr__(self) -> str:
         return f"Batch({self.id!r})"
+
+    def info(self) -> BatchInfo | None:
+        """Its record; None when no batch has this id."""
+        with session_scope(self.ctx.db_url) as s:
+            row = s.get(BatchRow, self.id)
+            return _batch_info(row) if row else None
 
     def jobs(self) -> list[JobInfo]:
         return list_jobs(self.ctx, batch=self.id, limit=None)
@@ -79,3 +96,14 @@ class Batch:
             report=on_change(on_progress) if on_progress is not None else None,
             what=f"batch {self.id}",
         )
+
+
+def recent_batches(ctx: Context, limit: int = 50) -> list[BatchInfo]:
+    """Batch records, newest first."""
+    query = select(BatchRow).order_by(BatchRow.created_at.desc()).limit(limit)
+    with session_scope(ctx.db_url) as s:
+        return [_batch_info(row) for row in s.scalars(query)]
+
+
+def _batch_info(row: BatchRow) -> BatchInfo:
+    return BatchInfo(id=row.id, source=row.source, created_at=row.created_at)

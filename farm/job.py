@@ -60,6 +60,7 @@ class StageInfo:
     error_message: str | None
     waiting_on: str | None  # the service its retry waits on ("storage", "Postgres"...)
     after: tuple[str, ...] = ()  # the stages it reads, as its job's DAG stores them
+    queued_at: datetime | None = None  # when its message was last sent
     started_at: datetime | None = None  # of its last attempt
     finished_at: datetime | None = None
     # Batched model calls its last successful attempt took part in, and the mean number of
@@ -299,6 +300,20 @@ def queues_of(ctx: Context, *, job_id: str | None = None, batch: str | None = No
         return set(s.scalars(query).all())
 
 
+def running_stages(ctx: Context) -> dict[str, list[tuple[str, str]]]:
+    """Worker name -> the (job id, stage) its records say it is running now."""
+    query = (
+        select(StageRun.worker, StageRun.job_id, StageRun.stage)
+        .where(StageRun.status == StageStatus.RUNNING, StageRun.worker.is_not(None))
+        .order_by(StageRun.started_at)
+    )
+    found: dict[str, list[tuple[str, str]]] = {}
+    with session_scope(ctx.db_url) as s:
+        for worker, job_id, stage in s.execute(query):
+            found.setdefault(worker, []).append((job_id, stage))
+    return found
+
+
 def missing_queues(ctx: Context, queues: set[str]) -> set[str]:
     """Queues no live worker consumes (from the workers' Redis heartbeats)."""
     return set(queues) - ctx.meta.live_queues()
@@ -385,6 +400,7 @@ def _stage_info(run: StageRun) -> StageInfo:
         error_message=run.error_message,
         waiting_on=_waiting_on(run),
         after=tuple(run.after_stages),
+        queued_at=run.queued_at,
         started_at=run.started_at,
         finished_at=run.finished_at,
         model_calls=run.model_calls,

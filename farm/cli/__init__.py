@@ -3,7 +3,7 @@
 One module per group of commands: ``stack`` (the local stack, workers, the database and other
 operator commands), ``render`` (render and submit, with their one option set), ``steer``
 (inspecting and steering jobs), ``pipelines`` (what the farm can run), ``workers`` (the
-live workers and their GPU engines).
+live workers and their GPU engines), ``ui`` (the web console).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import sys
 
 from rich.markup import escape
 
-from farm.cli import pipelines, render, stack, steer, workers  # noqa: F401 -- registers the commands
+from farm.cli import pipelines, render, stack, steer, ui, workers  # noqa: F401 -- registers the commands
 from farm.cli.app import app, err
 from farm.errors import FarmError
 

@@ -124,6 +124,17 @@ def probe(mp4: bytes) -> dict[str, Any]:
         raise ArtifactCorrupt(f"the video is not a readable MP4: {_one_line(exc)}") from exc
 
 
+def poster_frame(mp4: bytes) -> Image.Image:
+    """The MP4's first video frame, as a picture (a player's poster)."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(mp4), format="mp4") as container:
+            return next(container.decode(video=0)).to_image()
+    except (av.error.FFmpegError, StopIteration) as exc:
+        raise ArtifactCorrupt(f"the video has no readable frame: {_one_line(exc)}") from exc
+
+
 def _check_fps(fps: int) -> None:
     low, high = FPS_RANGE
     # bool is an int to Python, but fps=True is a caller's bug, not one frame a second
