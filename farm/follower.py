@@ -145,9 +145,9 @@ class Follower:
         view: Callable[[Job, Patience], RenderableType] | None = None,
     ) -> None:
         """``suffix``: of the output files, from the kind the pipeline's final stage writes.
-        ``view(job, live)``: for a batch of one job followed on a terminal, what to show of
-        that job above the bars, read at each poll (farm.cli.job_view.JobView.read), ``live``
-        riding out an outage of Redis."""
+        ``view(job, live)``: on a terminal, what to show above the bars of the batch's one job,
+        or of the first of its jobs running now (nothing while none runs), read at each poll
+        (farm.cli.job_view.JobView.read), ``live`` riding out an outage of Redis."""
         self.farm, self.batch, self.out_dir, self.console = farm, batch, out_dir, console
         self.view = view
         self.finished: set[str] = set()
@@ -200,9 +200,8 @@ class Follower:
                 jobs, _ = self._poll()
                 bars.update(overall, total=len(jobs), completed=len(self.finished))
                 self._show_running(bars, lines, jobs)
-                if self.view is not None and len(jobs) == 1:
-                    job = Job(self.farm.ctx, jobs[0].id)
-                    bars.above = self.records.call(partial(self.view, job, self.live))
+                if self.view is not None:
+                    bars.above = self._focus_view(jobs)
                 if all(j.finished for j in jobs):
                     return jobs
                 time.sleep(POLL_S)
@@ -313,6 +312,15 @@ class Follower:
             bars.update(line, description=text, total=total, completed=p.step, visible=True)
         for line in lines[len(running) :]:
             bars.update(line, visible=False)
+
+    def _focus_view(self, jobs: list[JobInfo]) -> RenderableType | None:
+        shown = (
+            jobs[0] if len(jobs) == 1 else next((j for j in jobs if j.status == "running"), None)
+        )
+        if shown is None:
+            return None
+        job = Job(self.farm.ctx, shown.id)
+        return self.records.call(partial(self.view, job, self.live))
 
 
 class _Bars(Progress):

@@ -166,3 +166,16 @@ def test_render_of_one_input_in_a_terminal_shows_its_stages(
     assert header, terminal.text
     assert_all_done(terminal.text.rpartition(header[-1])[2])
     assert (tmp_path / "out" / "one.png").is_file()
+
+
+def test_render_of_a_folder_in_a_terminal_shows_a_running_jobs_stages(
+    farm_env, running, tmp_path: Path
+) -> None:
+    (tmp_path / "in").mkdir()
+    for i in range(3):
+        (tmp_path / "in" / f"{i}.png").write_bytes(sample_png(64, hue=70 + i))
+    args = ["render", str(tmp_path / "in"), "-o", str(tmp_path / "out"), *FAST]
+    terminal = Terminal(args, farm_env)
+    assert terminal.finish() == 0, terminal.text
+    assert "3 inputs: 3 done" in terminal.text
+    assert re.search(r"job [0-9a-f]{32}  running  pipeline img2img", terminal.text), terminal.text
