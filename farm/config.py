@@ -28,6 +28,7 @@ URL_CHECKS = {
     "redis_url": urls.check_redis_url,
     "database_url": urls.check_database_url,
     "s3_endpoint": urls.check_s3_endpoint,
+    "otlp_endpoint": urls.check_otlp_endpoint,
 }
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 

@@ -27,8 +27,11 @@ from opentelemetry import context as otel_context
 from opentelemetry import propagate, trace
 
 from farm.config import Settings
+from farm.errors import ConfigError
 
 HEADERS = ("traceparent", "tracestate")  # what a message carries (W3C trace context)
+# Seconds an export may take: a client exiting waits for its last spans, not a dead collector.
+EXPORT_TIMEOUT_S = 5
 _NOTHING = contextlib.nullcontext()
 _tracer: trace.Tracer | None = None
 _provider = None
@@ -36,10 +39,13 @@ _pid: int | None = None
 
 
 def setup(settings: Settings, service: str) -> None:
-    """Turn tracing on in this process if the settings ask for it (once per process)."""
+    """Turn tracing on in this process if the settings ask for it (once per process).
+    ConfigError when FARM_TRACE_FILE cannot be written."""
     global _tracer, _provider, _pid
     if _pid == os.getpid() or not (settings.otlp_endpoint or settings.trace_file):
         return
+    if settings.trace_file:
+        _check_writable(Path(settings.trace_file))
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
@@ -49,11 +55,20 @@ def setup(settings: Settings, service: str) -> None:
     if settings.otlp_endpoint:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-        exporter = OTLPSpanExporter(endpoint=traces_url(settings.otlp_endpoint))
+        url = traces_url(settings.otlp_endpoint)
+        exporter = OTLPSpanExporter(endpoint=url, timeout=EXPORT_TIMEOUT_S)
         provider.add_span_processor(BatchSpanProcessor(exporter))
     if settings.trace_file:
         provider.add_span_processor(SimpleSpanProcessor(JsonLinesExporter(settings.trace_file)))
     _provider, _tracer, _pid = provider, provider.get_tracer("farm"), os.getpid()
+
+
+def _check_writable(path: Path) -> None:
+    try:
+        with open(path, "a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"FARM_TRACE_FILE {path} cannot be written: {exc.strerror}") from None
 
 
 def shutdown() -> None:

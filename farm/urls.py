@@ -68,15 +68,26 @@ def check_broker_url(url: str) -> None:
 
 def check_s3_endpoint(url: str) -> None:
     """An http:// or https:// address with a host (and a numeric port, if any)."""
-    parts = urlsplit(url)
-    try:
-        parts.port  # noqa: B018 -- reading it checks it
-    except ValueError:
-        valid = False
-    else:
-        valid = parts.scheme in ("http", "https") and bool(parts.hostname)
-    if not valid:
+    if not _is_http_url(url):
         raise ValueError(
             "not an http:// or https:// URL; give the S3 API's address, "
             "e.g. https://s3.example.com or http://127.0.0.1:8333"
         )
+
+
+def check_otlp_endpoint(url: str) -> None:
+    """An OTLP/HTTP collector: http:// or https:// with a host."""
+    if not _is_http_url(url):
+        raise ValueError(
+            "not an http:// or https:// URL; give the collector's OTLP/HTTP address, "
+            "e.g. http://collector:4318"
+        )
+
+
+def _is_http_url(url: str) -> bool:
+    parts = urlsplit(url)
+    try:
+        parts.port  # noqa: B018 -- reading it checks it
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and bool(parts.hostname)

@@ -99,6 +99,7 @@ def test_secrets_are_masked_in_repr(clean_env: pytest.MonkeyPatch) -> None:
         ("FARM_BROKER_URL", "brokerpw@127.0.0.1", "has no scheme"),
         ("FARM_S3_ENDPOINT", "not a url", "not an http:// or https:// URL"),
         ("FARM_S3_ENDPOINT", "ftp://127.0.0.1:8333", "not an http:// or https:// URL"),
+        ("FARM_OTLP_ENDPOINT", "collector:4318", "not an http:// or https:// URL"),
     ],
 )
 def test_a_malformed_url_names_its_variable_and_keeps_its_secret(
@@ -122,6 +123,7 @@ def test_a_malformed_url_names_its_variable_and_keeps_its_secret(
         ("FARM_REDIS_URL", "unix:///run/redis.sock?db=1"),
         ("FARM_DATABASE_URL", "postgresql+psycopg2://farm:pw@pg/farm?sslmode=verify-full"),
         ("FARM_S3_ENDPOINT", "https://s3.internal"),
+        ("FARM_OTLP_ENDPOINT", "http://collector:4318"),
     ],
 )
 def test_every_supported_url_form_is_accepted(

@@ -17,6 +17,7 @@ import pytest
 
 from farm import tracing
 from farm.config import Settings
+from farm.errors import ConfigError
 from tests.helpers import sample_png, wait_until
 
 SUBMIT = """
@@ -146,6 +147,15 @@ def test_off_by_default_and_then_nothing_is_made() -> None:
     assert tracing.carrier() == {}
     with tracing.continued({"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}):
         assert tracing.carrier() == {}
+
+
+def test_a_span_file_that_cannot_be_written_is_one_clear_error(tmp_path) -> None:
+    settings = Settings(broker_url="redis://h/0", redis_url="redis://h/0",
+                        database_url="postgresql+psycopg2://u:p@h/d",
+                        trace_file=tmp_path / "no-such-dir" / "spans.jsonl")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"FARM_TRACE_FILE .* cannot be written"):
+        tracing.setup(settings, "test")
+    assert not tracing.enabled()
 
 
 def test_collector_url() -> None:

@@ -74,7 +74,7 @@ def _after_fork(**_: object) -> None:
     # A prefork child must not share its parent's database or Redis sockets.
     dispose_engines()
     context.reset()
-    tracing.setup(context.current().settings, _service())
+    _trace(context.current().settings)
 
 
 @signals.worker_process_shutdown.connect
@@ -86,7 +86,7 @@ def _child_stops(**_: object) -> None:
 def _start(sender, **_: object) -> None:
     global _beat
     settings = context.current().settings
-    tracing.setup(settings, _service())  # solo and thread pools run stages in this process
+    _trace(settings)  # solo and thread pools run stages in this process
     queues = sorted(sender.app.amqp.queues.consume_from)
     _beat = Beat(sender.hostname, queues, _serve_metrics(settings))
     _beat.start()
@@ -109,9 +109,14 @@ def _stop(**_: object) -> None:
     multiproc.remove()
 
 
-def _service() -> str:
-    """The service name its spans carry: farm-worker-ROLE."""
-    return f"farm-worker-{os.environ.get('FARM_WORKER_ROLE') or 'any'}"
+def _trace(settings) -> None:
+    """Tracing on in this process if asked for; a span file it cannot write turns it off here,
+    in one line, rather than failing every stage."""
+    service = f"farm-worker-{os.environ.get('FARM_WORKER_ROLE') or 'any'}"
+    try:
+        tracing.setup(settings, service)
+    except ConfigError as exc:
+        log.error("tracing off: %s", exc.message)
 
 
 def _serve_metrics(settings) -> str | None:
