@@ -162,3 +162,31 @@ def test_farm_wide_queue_depth_falls_as_the_batch_drains(
     assert total(last, "farm_workers", role="gpu") == 1
     assert total(last, "farm_batches_in_flight") == 0
     assert batch.counts().done == 4
+
+
+def test_a_source_that_is_down_is_left_out_of_the_scrape_not_the_rest(settings) -> None:
+    from pydantic import SecretStr
+
+    from farm.metrics.farm_wide import FarmCollector
+    from farm.tasks.context import Context
+
+    nowhere = SecretStr(f"redis://:pw@127.0.0.1:{free_port()}/0")
+    ctx = Context(settings.model_copy(update={"broker_url": nowhere}))
+    families = {family.name: family for family in FarmCollector(ctx).collect()}
+    up = {s.labels["source"]: s.value for s in families["farm_source_up"].samples}
+    assert up == {"broker": 0, "database": 1, "redis": 1}
+    assert "farm_queue_messages" not in families and "farm_jobs" in families
+
+
+@pytest.mark.parametrize("port", ["65536", "70000"])
+def test_a_port_out_of_range_is_one_line(farm_env, port) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "farm", "metrics", "--port", port],
+        env={**os.environ, **farm_env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error CONFIG_INVALID: ")
+    assert "Traceback" not in done.stderr

@@ -9,6 +9,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable, Iterator
 
+import redis
 from prometheus_client.core import GaugeMetricFamily, Metric
 from sqlalchemy import distinct, func, select
 
@@ -37,7 +38,7 @@ class FarmCollector:
         for source, read in self._sources().items():
             try:
                 families = list(read())
-            except (FarmError, OSError, ConnectionError) as exc:
+            except (FarmError, OSError, redis.RedisError) as exc:
                 log.warning("farm metrics: cannot read the %s: %s", source, exc)
                 up.add_metric([source], 0)
                 continue

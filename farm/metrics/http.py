@@ -51,6 +51,8 @@ def serve(registry: CollectorRegistry, settings: Settings, port: int, tries: int
     """Serve ``registry`` on ``settings.metrics_address`` at ``port``, or the next free one of
     ``tries`` ports, from a daemon thread. ConfigError when no password is set or no port
     is free."""
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"a metrics port must be 0 to 65535, not {port}")
     password = password_of(settings)
     if not password:
         raise ConfigError("metrics need FARM_FLOWER_PASSWORD (the basic auth Flower uses)")
@@ -61,13 +63,13 @@ def serve(registry: CollectorRegistry, settings: Settings, port: int, tries: int
 
 
 def _bind(app: WsgiApp, address: str, port: int, tries: int) -> WSGIServer:
-    for candidate in range(port, port + tries):
+    for candidate in range(port, min(port + tries, 65536)):
         try:
             return make_server(address, candidate, app, ThreadingWSGIServer, handler_class=_Quiet)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 continue
             raise ConfigError(f"metrics cannot listen on {address}:{candidate}: {exc}") from exc
-    last = port + tries - 1
-    span = f"{port}" if tries == 1 else f"{port}-{last}"
+    last = min(port + tries, 65536) - 1
+    span = f"{port}" if last == port else f"{port}-{last}"
     raise ConfigError(f"metrics cannot listen on {address}:{span}: in use")

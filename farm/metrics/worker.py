@@ -4,6 +4,8 @@ benchmark), in memory, unserved."""
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Iterator
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -12,6 +14,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from farm.metrics import multiproc
 
+log = logging.getLogger(__name__)
 STAGE = ("pipeline", "stage", "queue")
 # Stage functions take milliseconds (noop) to minutes (a real model's denoise).
 STAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
@@ -21,8 +24,9 @@ STAGES = Counter(
     "farm_stages",
     "Stage deliveries by outcome: started; done, failed, cancelled, stopped (its job ended "
     "meanwhile); retried (a service was down: Celery retries it); lost (the delivery before "
-    "this one died with its worker); skipped (done already); duplicate (another delivery "
-    "holds it); rebuild (an input was lost: its producer runs again); lease-lost; crashed.",
+    "this one stopped beating: died, or stalled and came back); skipped (done already); "
+    "duplicate (another delivery holds it); rebuild (an input was lost: its producer runs "
+    "again); lease-lost; crashed (killed its worker too often).",
     [*STAGE, "outcome"],
 )
 STAGE_SECONDS = Histogram(
@@ -112,7 +116,18 @@ def registry(engine_stats: Callable[[], dict | None]) -> CollectorRegistry:
     return served
 
 
+@contextlib.contextmanager
+def never_failing() -> Iterator[None]:
+    """Counting must not fail what it counts: in multiprocess mode a count is a write to a
+    file, and a full disk there costs a log line, not a stage whose record just committed."""
+    try:
+        yield
+    except Exception as exc:
+        log.warning("a metric was not recorded: %s: %s", type(exc).__name__, exc)
+
+
 def observe_model_call(component: str, jobs: int, seconds: float) -> None:
-    MODEL_CALLS.labels(component).inc()
-    MODEL_CALL_JOBS.labels(component).observe(jobs)
-    MODEL_CALL_SECONDS.labels(component).observe(seconds)
+    with never_failing():
+        MODEL_CALLS.labels(component).inc()
+        MODEL_CALL_JOBS.labels(component).observe(jobs)
+        MODEL_CALL_SECONDS.labels(component).observe(seconds)

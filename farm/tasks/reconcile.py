@@ -65,8 +65,9 @@ def requeue_dead(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
         dead = queries.expire_stages(s, ttl, [r for r in stale if (r[0], r[1]) not in alive])
     for ref in dead:  # recorded queued now: one the broker cannot take is sent on a later pass
         log.warning("re-enqueueing %s/%s: its worker stopped beating", ref.job_id, ref.stage)
-        metrics.RECONCILER_RESENDS.labels("dead_worker").inc()
-        metrics.STAGES.labels(ref.pipeline, ref.spec.op, ref.spec.queue, "lost").inc()
+        with metrics.never_failing():
+            metrics.RECONCILER_RESENDS.labels("dead_worker").inc()
+            metrics.STAGES.labels(ref.pipeline, ref.spec.op, ref.spec.queue, "lost").inc()
         send_or_leave(sender, ref.job_id, [ref.spec], ref.priority)
     return [(ref.job_id, ref.stage) for ref in dead]
 
@@ -94,7 +95,8 @@ def resend_lost(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
     lost = [ref for ref in waiting if (ref.job_id, ref.stage) not in held]
     for ref in lost:
         log.warning("re-sending %s/%s: the broker lost its message", ref.job_id, ref.stage)
-        metrics.RECONCILER_RESENDS.labels("lost_message").inc()
+        with metrics.never_failing():
+            metrics.RECONCILER_RESENDS.labels("lost_message").inc()
         sender.send(ref.job_id, [ref.spec], ref.priority)
     with transaction(ctx.db_url) as conn:
         queries.touch_queued(conn, lost)

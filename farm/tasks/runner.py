@@ -132,14 +132,17 @@ class StageRun:
 
     def execute(self) -> str:
         """Run the stage unless it is done, taken, or its job is over. Returns what happened:
-        also the ``outcome`` of its metrics. An exception escaping it is a transient fault
-        (Celery retries the stage): ``retried``."""
-        started, outcome = time.perf_counter(), "retried"
+        also the ``outcome`` of its metrics. An exception escaping it is ``retried`` when
+        Celery retries the stage (a service was down), else ``failed``."""
+        started, outcome = time.perf_counter(), "failed"
         ids = {"farm.job_id": self.job_id, "farm.stage": self.stage, "farm.worker": self.worker}
         with tracing.span("stage", **ids):
             try:
                 outcome = self._execute()
                 return outcome
+            except FarmError as exc:
+                outcome = "retried" if exc.retryable else "failed"
+                raise
             finally:
                 tracing.annotate(**{"farm.outcome": outcome})
                 self._count(outcome, time.perf_counter() - started)
@@ -147,8 +150,9 @@ class StageRun:
     def _count(self, outcome: str, seconds: float) -> None:
         """The delivery's outcome and wall time, labelled by what its job's DAG says it is."""
         labels = (self.job.pipeline if self.job else "", *self._stage_labels())
-        metrics.STAGES.labels(*labels, outcome).inc()
-        metrics.STAGE_SECONDS.labels(*labels, outcome).observe(seconds)
+        with metrics.never_failing():
+            metrics.STAGES.labels(*labels, outcome).inc()
+            metrics.STAGE_SECONDS.labels(*labels, outcome).observe(seconds)
 
     def _execute(self) -> str:
         meta = self.ctx.meta
@@ -260,10 +264,11 @@ class StageRun:
         )
         # A delivery that died counts nothing: the one after it counts it lost (or the
         # reconciler, when it found it dead first: farm.tasks.reconcile).
-        if begin.lost:
-            metrics.STAGES.labels(job.pipeline, *self._stage_labels(), "lost").inc()
-        if begin.action == BeginAction.RUN:
-            metrics.STAGES.labels(job.pipeline, *self._stage_labels(), "started").inc()
+        with metrics.never_failing():
+            if begin.lost:
+                metrics.STAGES.labels(job.pipeline, *self._stage_labels(), "lost").inc()
+            if begin.action == BeginAction.RUN:
+                metrics.STAGES.labels(job.pipeline, *self._stage_labels(), "started").inc()
 
     def _stage_labels(self) -> tuple[str, str]:
         """Stage function and queue; before the record is read (a duplicate delivery), only
@@ -466,11 +471,12 @@ def _measured(span: str | None, op: str) -> Iterator[_Measure]:
     with tracing.span(span) if span else contextlib.nullcontext():
         yield measure
     took = time.perf_counter() - started
-    if op in ("write", "read", "input"):
-        metrics.CHECKPOINT_SECONDS.labels(op).observe(took)
-        metrics.CHECKPOINT_BYTES.labels(op).inc(measure.bytes)
-    else:
-        metrics.RECORD_COMMIT_SECONDS.labels(op).observe(took)
+    with metrics.never_failing():
+        if op in ("write", "read", "input"):
+            metrics.CHECKPOINT_SECONDS.labels(op).observe(took)
+            metrics.CHECKPOINT_BYTES.labels(op).inc(measure.bytes)
+        else:
+            metrics.RECORD_COMMIT_SECONDS.labels(op).observe(took)
 
 
 class Hooks:

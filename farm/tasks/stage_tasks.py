@@ -49,7 +49,10 @@ def _run(task: Task, queue: str, job_id: str, stage: str) -> str:
             # This message's own stage is done, so the continued one gets a message of its
             # own, with its own retry count; with the broker down too, the reconciler sends it.
             log.warning("%s/%s: %s; sending it as its own message", job_id, run.stage, exc)
-            dispatch.send_or_leave(run.sender, job_id, [spec], job.priority, countdown=_backoff(0))
+            with tracing.continued(parent):
+                dispatch.send_or_leave(
+                    run.sender, job_id, [spec], job.priority, countdown=_backoff(0)
+                )
             return "requeued"
     return outcome
 

@@ -6,6 +6,8 @@ Postgres, Redis and S3 calls belong.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from jinja2 import Environment, PackageLoader, select_autoescape
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -18,7 +20,8 @@ from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
 from farm.api import Farm
-from farm.errors import FarmError, JobNotFound, TransientError
+from farm.errors import FarmError, JobNotFound, NotDone, TransientError
+from farm.job import output_records
 from farm.ui import media, views
 from farm.ui.format import FILTERS
 from farm.ui.security import TOKEN_FIELD, BasicAuth, Csrf
@@ -120,16 +123,35 @@ class Console:
     # -- outputs -------------------------------------------------------------------------------
 
     def output(self, request: Request) -> Response:
-        """The output through the farm's store, checked against its record."""
+        """The output through the farm's store: whole, checked against its record, or the
+        range a player asks for, read from the store alone."""
         job = self.farm.get(request.path_params["job_id"])
-        data = job.result()
-        return media.ranged(request, data, views.content_type(job.info().output_key or ""))
+        record = self._output_record(job.id)
+        store = self.farm.ctx.store
+        return media.ranged(
+            request,
+            record.size or 0,
+            job.result,
+            lambda offset, length: store.get_range(record.key, offset, length),
+            views.content_type(record.key),
+        )
 
     def thumbnail(self, request: Request) -> Response:
         job = self.farm.get(request.path_params["job_id"])
-        data = job.result()
-        png = media.thumbnail(data, views.content_type(job.info().output_key or ""))
+        record = self._output_record(job.id)
+        png = self._thumbnail(job.id, record.checksum, views.content_type(record.key))
         return Response(png, media_type="image/png")
+
+    def _output_record(self, job_id: str):
+        record = output_records(self.farm.ctx, [job_id]).get(job_id)
+        if record is None:
+            raise NotDone(f"job {job_id} has no output yet")
+        return record
+
+    @lru_cache(maxsize=256)  # noqa: B019 -- one Console per app, for the app's life
+    def _thumbnail(self, job_id: str, checksum: str | None, media_type: str) -> bytes:
+        """Made once per output (its checksum: an output rendered again is a new one)."""
+        return media.thumbnail(self.farm.get(job_id).result(), media_type)
 
     # -- buttons -------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Callable
 
 from PIL import Image, UnidentifiedImageError
 from starlette.requests import Request
@@ -16,19 +17,29 @@ THUMBNAIL_SIDE = 320  # px, the longest side
 _RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 
 
-def ranged(request: Request, data: bytes, media_type: str) -> Response:
-    """``data`` whole (200) or the one byte range asked for (206); 416 for a range past it."""
+def ranged(
+    request: Request,
+    size: int,
+    read_all: Callable[[], bytes],
+    read_range: Callable[[int, int], bytes],
+    media_type: str,
+) -> Response:
+    """An object of ``size`` bytes whole (200, ``read_all()``, checked against its record)
+    or the one byte range asked for (206, ``read_range(offset, length)``: only those bytes
+    leave the store, as a player seeking through a long video asks); 416 for a range past
+    it."""
     headers = {"Accept-Ranges": "bytes", "Content-Disposition": "inline"}
     asked = request.headers.get("range")
     if asked is None:
-        return Response(data, media_type=media_type, headers=headers)
-    span = _span(asked, len(data))
+        return Response(read_all(), media_type=media_type, headers=headers)
+    span = _span(asked, size)
     if span is None:
-        headers["Content-Range"] = f"bytes */{len(data)}"
+        headers["Content-Range"] = f"bytes */{size}"
         return Response(b"", status_code=416, headers=headers)
     start, end = span
-    headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
-    return Response(data[start : end + 1], 206, headers=headers, media_type=media_type)
+    headers["Content-Range"] = f"bytes {start}-{end}/{size}"
+    body = read_range(start, end - start + 1)
+    return Response(body, 206, headers=headers, media_type=media_type)
 
 
 def _span(header: str, size: int) -> tuple[int, int] | None:

@@ -80,7 +80,9 @@ def eta(elapsed_s: float, done: float, total: int) -> float | None:
 
 def job_view(farm: Farm, job_id: str) -> JobView:
     job = farm.get(job_id)
-    info, stages, progress = job.info(), job.stages(), job.progress()
+    info, stages = job.info(), job.stages()
+    # A finished job's record says all; Redis (live steps) is only read while it runs.
+    progress = Progress(info.status, None, 0, 0) if info.finished else job.progress()
     return JobView(
         info=info,
         stages=stages,
