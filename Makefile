@@ -24,8 +24,12 @@ install: $(STAMP)
 
 # pytest exits 5 when it collects nothing; that is a failure of the suite, not a pass.
 # --durations: the slowest tests in every CI log, where the suite's time goes.
+# --basetemp of its own: every pytest start sets /tmp/pytest-of-USER to mode 0700, which would
+# cut the embedded Postgres (it runs as an unprivileged user) off from a run beside it.
 test: install
-	$(PY) -m pytest -q -p no:cacheprovider --durations=25 $(PYTEST_ARGS)
+	tmp=$$(mktemp -d); \
+	$(PY) -m pytest -q -p no:cacheprovider --durations=25 --basetemp=$$tmp/pytest $(PYTEST_ARGS); \
+	status=$$?; rm -rf $$tmp; exit $$status
 
 # The default strength (0.75) into demo-output/, 0.3 and 1.0 beside it, then one contact sheet;
 # then the example plugin's DAG (one branch per filter, joined into a sheet) per input;
