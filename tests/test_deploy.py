@@ -236,6 +236,15 @@ def test_stopping_a_worker_waits_as_long_as_the_broker_would() -> None:
     assert (unit["KillSignal"], unit["KillMode"]) == ("SIGTERM", "mixed")
 
 
+def test_a_failing_worker_is_restarted_for_as_long_as_it_takes() -> None:
+    """systemd gives up on a unit started 5 times within 10 s (its defaults, left alone here):
+    restarts RestartSec apart must never come that close."""
+    unit = unit_settings()
+    assert unit["Restart"] == "on-failure"
+    assert not {"StartLimitIntervalSec", "StartLimitBurst"} & unit.keys()
+    assert int(unit["RestartSec"].removesuffix("s")) * (5 - 1) > 10
+
+
 def run_instance(instance: str, tmp_path: Path) -> subprocess.CompletedProcess:
     """The unit's ExecStart for ``instance``, with a stub in place of farm that prints the
     GPUs it would see and its arguments."""
