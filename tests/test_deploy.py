@@ -73,8 +73,13 @@ def interpolate(value: object, env: dict[str, str]) -> object:
     return INTERPOLATION.sub(substitute, value)
 
 
+def example_env() -> dict[str, str]:
+    """compose.env.example with its passwords set, as the operator sets them."""
+    return {key: value or f"{key.lower()}-0f3a" for key, value in env_file(COMPOSE_ENV).items()}
+
+
 def compose(env: dict[str, str] | None = None) -> dict:
-    env = env_file(COMPOSE_ENV) if env is None else env
+    env = example_env() if env is None else env
     return interpolate(yaml.safe_load(COMPOSE.read_text()), env)
 
 
@@ -88,6 +93,14 @@ def schema_errors(document: dict) -> list[str]:
 
 def test_compose_file_follows_the_compose_specification() -> None:
     assert schema_errors(compose()) == []
+
+
+def test_compose_refuses_to_start_until_each_password_is_set() -> None:
+    unset = sorted(key for key, value in env_file(COMPOSE_ENV).items() if not value)
+    assert unset == ["CONSOLE_PASSWORD", "POSTGRES_PASSWORD", "REDIS_PASSWORD", "S3_SECRET_KEY"]
+    for key in unset:
+        with pytest.raises(KeyError, match=key):
+            compose({**example_env(), key: ""})
 
 
 def test_the_schema_check_catches_a_wrong_compose_file() -> None:
@@ -142,7 +155,7 @@ def host_address(port: object) -> str:
 def test_nothing_is_published_on_every_interface_and_consoles_only_on_loopback(
     consoles_address: str,
 ) -> None:
-    env = env_file(COMPOSE_ENV)
+    env = example_env()
     if consoles_address == "left unset":
         del env["CONSOLES_ADDRESS"]
     for name, service in compose(env)["services"].items():
