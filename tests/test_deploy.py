@@ -73,6 +73,17 @@ def interpolate(value: object, env: dict[str, str]) -> object:
     return INTERPOLATION.sub(substitute, value)
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML as compose reads it: a key given twice in one mapping is an error, where PyYAML
+    would keep the last (keys a ``<<`` merge brings in may be given again: that overrides)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        own = [key.value for key, _ in node.value if key.tag != "tag:yaml.org,2002:merge"]
+        if twice := sorted({key for key in own if own.count(key) > 1}):
+            raise yaml.MarkedYAMLError(problem=f"{twice} given twice", problem_mark=node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def example_env() -> dict[str, str]:
     """compose.env.example with its passwords set, as the operator sets them."""
     return {key: value or f"{key.lower()}-0f3a" for key, value in env_file(COMPOSE_ENV).items()}
@@ -80,7 +91,7 @@ def example_env() -> dict[str, str]:
 
 def compose(env: dict[str, str] | None = None) -> dict:
     env = example_env() if env is None else env
-    return interpolate(yaml.safe_load(COMPOSE.read_text()), env)
+    return interpolate(yaml.load(COMPOSE.read_text(), ComposeLoader), env)
 
 
 def schema_errors(document: dict) -> list[str]:
@@ -93,6 +104,13 @@ def schema_errors(document: dict) -> list[str]:
 
 def test_compose_file_follows_the_compose_specification() -> None:
     assert schema_errors(compose()) == []
+
+
+def test_a_key_given_twice_is_refused_as_compose_refuses_it() -> None:
+    with pytest.raises(yaml.MarkedYAMLError, match="'ports'"):
+        yaml.load("ui:\n  ports: [1]\n  ports: [2]\n", ComposeLoader)
+    merged = "x: &x {restart: always}\nui:\n  <<: *x\n  restart: 'no'\n"
+    assert yaml.load(merged, ComposeLoader)["ui"] == {"restart": "no"}
 
 
 def test_compose_refuses_to_start_until_each_password_is_set() -> None:
