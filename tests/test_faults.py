@@ -241,8 +241,15 @@ def test_submitter_killed_half_way_then_run_again(farm, farm_env, settings, tmp_
     folder.mkdir()
     for i in range(250):
         (folder / f"img{i:03}.png").write_bytes(sample_png(16, hue=i))
+    # The submitter stalls after its first chunk, so the kill lands half-way every time (a
+    # fast machine recorded all 250 before a poll saw 64 of them).
     script = (
-        "import sys; from farm import Farm; "
+        "import sys, time; from farm import Farm; from farm.folder import FolderSubmission\n"
+        "chunk = FolderSubmission._submit_chunk\n"
+        "def stall_after(self, files, pool):\n"
+        "    chunk(self, files, pool)\n"
+        "    time.sleep(600)\n"
+        "FolderSubmission._submit_chunk = stall_after\n"
         "Farm.from_env().submit_folder(sys.argv[1], size=16, steps=2, strength=1.0)"
     )
     env = {**farm_env, "PATH": "/usr/bin:/bin"}
