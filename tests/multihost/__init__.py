@@ -1,0 +1,1 @@
+"""Tests that simulate several machines (see netns.py)."""
