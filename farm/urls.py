@@ -16,7 +16,7 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError
 
 DATABASE_EXAMPLE = "postgresql+psycopg2://USER:PASSWORD@HOST:5432/DATABASE"
 REDIS_EXAMPLE = "redis://:PASSWORD@HOST:6379/0 (rediss:// for TLS)"
-# Kombu transports the farm is built for: Redis (inspected by the reconciler) and RabbitMQ.
+# Kombu transports the farm is built for: Redis and RabbitMQ (farm.tasks.app sets up each).
 AMQP_SCHEMES = ("amqp", "amqps", "pyamqp")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import redis
 from pydantic import SecretStr
 
-from farm.tasks.app import app, celery_config, configure
+from farm.tasks.app import app, celery_config, celery_priority, configure
 
 
 def test_json_only_late_acks_one_in_flight(settings) -> None:
@@ -15,6 +15,23 @@ def test_json_only_late_acks_one_in_flight(settings) -> None:
     assert conf["worker_prefetch_multiplier"] == 1 and conf["task_ignore_result"]
     transport = conf["broker_transport_options"]
     assert transport["visibility_timeout"] == settings.visibility_timeout
+
+
+def test_rabbitmq_gets_priority_queues_confirmed_sends_and_no_redis_options(settings) -> None:
+    rabbit = settings.model_copy(update={"broker_url": SecretStr("amqp://u:p@rabbit:5672//")})
+    conf = celery_config(rabbit)
+    assert conf["task_queue_max_priority"] == 10
+    assert conf["broker_transport_options"] == {"confirm_publish": True}
+    assert conf["task_acks_late"] and conf["worker_prefetch_multiplier"] == 1
+    assert "visibility_timeout" not in conf
+    assert celery_config(settings)["task_queue_max_priority"] is None
+
+
+def test_farm_priorities_map_onto_each_transports_order() -> None:
+    # RabbitMQ delivers a higher message priority first; kombu's Redis transport a lower one
+    assert [celery_priority(p, "amqp") for p in (0, 5, 9)] == [0, 5, 9]
+    assert [celery_priority(p, "redis") for p in (0, 5, 9)] == [9, 4, 0]
+    assert celery_priority(12, "amqp") == 9 and celery_priority(-1, "redis") == 9
 
 
 def test_configure_switches_to_another_broker(stack, settings) -> None:

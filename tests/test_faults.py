@@ -26,6 +26,7 @@ from farm.tasks import faults
 from farm.tasks.context import Context
 from farm.tasks.dispatch import send_stage
 from farm.tasks.gc import orphaned_jobs, orphaned_packs, sweep
+from tests.brokers import on_each_broker, per_broker
 from tests.helpers import same_render, sample_png, wait_for_step, wait_until
 
 PARAMS = {"size": 64, "steps": 12, "strength": 0.8, "prompt": "a windmill", "seed": 21}
@@ -33,6 +34,8 @@ SLOW = {**PARAMS, "steps": 80, "strength": 1.0}  # seconds of denoise to kill in
 _references: dict[tuple, bytes] = {}
 
 pytestmark = pytest.mark.slow
+# the tests marked on_each_broker run on RabbitMQ too, each on that broker's farm
+farm, workers, meta = per_broker("farm"), per_broker("workers"), per_broker("meta")
 
 
 def reference(farm, hue: int, params: dict) -> bytes:
@@ -62,6 +65,7 @@ def stage_of(job, name: str):
     return next(s for s in job.stages() if s.name == name)
 
 
+@on_each_broker
 def test_gpu_worker_killed_mid_denoise(farm, running, workers) -> None:
     expected = reference(farm, 90, SLOW)
     job = farm.submit(sample_png(hue=90), **SLOW)
@@ -72,6 +76,7 @@ def test_gpu_worker_killed_mid_denoise(farm, running, workers) -> None:
     assert stage_of(job, "denoise").attempts == 2
 
 
+@on_each_broker
 def test_cpu_worker_killed_mid_postprocess(farm, running, workers, meta) -> None:
     expected = reference(farm, 91, PARAMS)
     job = farm.submit(sample_png(hue=91), **PARAMS)
@@ -135,6 +140,7 @@ def test_a_postgres_outage_longer_than_the_lease_leaves_a_running_stage_alone(
     assert (denoise.attempts, denoise.lost_runs) == (1, 0)
 
 
+@on_each_broker
 @pytest.mark.parametrize("point", ["upload", "commit"])
 def test_worker_killed_around_an_artifact_upload(farm, running, workers, meta, point) -> None:
     expected = reference(farm, 92, PARAMS)

@@ -1,4 +1,5 @@
-"""The staged pipeline end to end: real stack, real cpu and gpu worker processes."""
+"""The staged pipeline end to end: real stack, real cpu and gpu worker processes, with Redis
+and with RabbitMQ as the broker."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from PIL import Image
 
 from farm import StageInfo
 from farm.tasks import faults
+from tests.brokers import on_each_broker, per_broker
 from tests.helpers import sample_png, wait_for_step, wait_until
+
+pytestmark = on_each_broker
+farm, workers, meta = per_broker("farm"), per_broker("workers"), per_broker("meta")
 
 FAST = {"size": 64, "steps": 8, "strength": 0.75, "seed": 3, "prompt": "a lighthouse at dusk"}
 IMG2IMG_STAGES = ["preprocess", "encode", "noise", "denoise", "decode", "postprocess"]

@@ -1,7 +1,8 @@
 """The farm-wide view ``farm metrics`` exports, read afresh at each scrape: queue depth per
-queue and priority from the broker, jobs by status and batches in flight from Postgres, live
-workers by role from their Redis heartbeats. A source that cannot be read is left out of that
-scrape, and ``farm_source_up{source=...}`` says 0 for it."""
+queue and priority from the broker (RabbitMQ: per queue, priority "all"), jobs by status and
+batches in flight from Postgres, live workers by role from their Redis heartbeats. A source
+that cannot be read is left out of that scrape, and ``farm_source_up{source=...}`` says 0 for
+it."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from farm.db.models import BatchJob, Job, JobStatus
 from farm.db.session import session_scope
 from farm.errors import FarmError
 from farm.pipelines import all_queues
+from farm.tasks import rabbitmq
 from farm.tasks.app import PRIORITY_STEPS
 from farm.tasks.broker_scan import PRIORITY_SEP
 from farm.tasks.context import Context
@@ -52,13 +54,18 @@ class FarmCollector:
     def _queues(self) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "farm_queue_messages",
-            "Stage messages waiting in the broker, by queue and farm priority (9 runs first).",
+            "Stage messages waiting in the broker, by queue and farm priority (9 runs first; "
+            '"all" on RabbitMQ, which counts a queue as a whole).',
             labels=["queue", "priority"],
         )
-        client = self.ctx.broker_redis
-        if client is None:
-            return  # only a Redis broker can be read per priority (see the README)
         queues = sorted(all_queues())
+        client = self.ctx.broker_redis
+        if client is None:  # RabbitMQ: the messages ready in each queue (passive declare)
+            url = self.ctx.settings.broker_url.get_secret_value()
+            for queue, (ready, _) in rabbitmq.ready_counts(url, queues).items():
+                depth.add_metric([queue, "all"], ready)
+            yield depth
+            return
         pipe = client.pipeline(transaction=False)
         for queue in queues:
             for step in PRIORITY_STEPS:

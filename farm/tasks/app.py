@@ -4,7 +4,8 @@ Importing this module configures nothing. ``Farm`` configures the app from its `
 (``configure``); ``celery -A farm.tasks worker`` gets its settings from the environment the
 first time Celery reads its configuration (``_worker_defaults``), and each worker role adds its
 own (``worker_configs/ROLE.py``, chosen by FARM_WORKER_ROLE). Stage state lives in Postgres,
-so Celery keeps no results.
+so Celery keeps no results. What differs between the brokers (Redis, RabbitMQ) is set here
+and nowhere else: ``redis_config``, ``amqp_config``, ``celery_priority``.
 """
 
 from __future__ import annotations
@@ -12,14 +13,19 @@ from __future__ import annotations
 import os
 import sys
 from importlib import import_module
+from urllib.parse import urlsplit
 
+from amqp.exceptions import AMQPError
 from celery import Celery, signals
 from kombu import Exchange, Queue
+from kombu.exceptions import KombuError
 
 from farm.config import Settings
 from farm.errors import ConfigError
 from farm.metrics import multiproc
 from farm.pipelines import QUEUES
+from farm.tasks import rabbitmq
+from farm.urls import AMQP_SCHEMES
 
 TASK_FOR_QUEUE = {"cpu": "farm.cpu.run_stage", "gpu": "farm.gpu.run_stage"}
 # The stages of any other queue a pipeline names (audio, ...): the queue travels as the
@@ -28,6 +34,9 @@ ANY_QUEUE_TASK = "farm.run_stage"
 WORKER_ROLES = ("cpu", "gpu")  # each has a settings module worker_configs/ROLE.py
 # Redis lists one queue per priority step; kombu pops step 0 first.
 PRIORITY_STEPS = list(range(10))
+# RabbitMQ: the x-max-priority of every queue the farm declares; a message of a higher
+# priority is delivered first (farm priorities 0..9 map onto 0..9 unchanged).
+MAX_PRIORITY = 10
 
 
 def make_queue(name: str) -> Queue:
@@ -38,23 +47,19 @@ def make_queue(name: str) -> Queue:
 app = Celery("farm", include=["farm.tasks.stage_tasks", "farm.tasks.ping", "farm.tasks.worker"])
 
 
+def transport_of(broker_url: str) -> str:
+    """``amqp`` for RabbitMQ, else ``redis``: the two brokers farm.urls accepts."""
+    return "amqp" if urlsplit(broker_url).scheme in AMQP_SCHEMES else "redis"
+
+
 def celery_config(settings: Settings) -> dict:
     """Everything the farm needs from Celery, for clients and workers alike."""
-    vt = settings.visibility_timeout
-    transport = {
-        "visibility_timeout": vt,
-        "queue_order_strategy": "priority",
-        "priority_steps": PRIORITY_STEPS,
-        # kombu sweeps for unacked messages past the timeout every interval x throttle
-        # seconds (100 s by default); keep the sweep well inside a short timeout too.
-        "unacked_restore_interval": max(1, min(10, vt // 10)),
-        "unacked_restore_throttle": 1 if vt < 600 else 10,
-    }
+    url = settings.broker_url.get_secret_value()
+    broker = amqp_config() if transport_of(url) == "amqp" else redis_config(settings)
     return {
-        "broker_url": settings.broker_url.get_secret_value(),
-        "broker_transport_options": transport,
+        "broker_url": url,
+        **broker,
         "broker_connection_retry_on_startup": True,
-        "visibility_timeout": vt,
         "task_serializer": "json",
         "accept_content": ["json"],
         "result_accept_content": ["json"],
@@ -73,6 +78,42 @@ def celery_config(settings: Settings) -> dict:
         "worker_send_task_events": True,
         "worker_hijack_root_logger": False,
         "broker_pool_limit": 10,
+    }
+
+
+def redis_config(settings: Settings) -> dict:
+    """Redis: an unacked message comes back after the visibility timeout; priorities are
+    one list per step."""
+    vt = settings.visibility_timeout
+    transport = {
+        "visibility_timeout": vt,
+        "queue_order_strategy": "priority",
+        "priority_steps": PRIORITY_STEPS,
+        # kombu sweeps for unacked messages past the timeout every interval x throttle
+        # seconds (100 s by default); keep the sweep well inside a short timeout too.
+        "unacked_restore_interval": max(1, min(10, vt // 10)),
+        "unacked_restore_throttle": 1 if vt < 600 else 10,
+    }
+    return {
+        "broker_transport_options": transport,
+        "visibility_timeout": vt,
+        "task_queue_max_priority": None,  # priorities are lists, not a queue argument
+    }
+
+
+
+def amqp_config() -> dict:
+    """RabbitMQ: classic durable queues with x-max-priority (Celery adds it to every queue
+    it declares, a worker's -Q ones included), persistent messages, confirmed publishes.
+
+    Not quorum queues: they take no x-max-priority on RabbitMQ 3.x and know two priorities
+    on 4.x, where the farm has ten. An unacked message comes back when its consumer's
+    connection closes, so the visibility timeout means nothing here; its counterpart is the
+    server's consumer_timeout (README, "RabbitMQ")."""
+    return {
+        "task_queue_max_priority": MAX_PRIORITY,
+        # a send returns once RabbitMQ has the message, as an LPUSH does on Redis
+        "broker_transport_options": {"confirm_publish": True},
     }
 
 
@@ -128,12 +169,13 @@ def _setup_signing() -> None:
 
 
 def _forget_connections() -> None:
-    """The app caches its broker pools: pointing it at another broker must drop them, or
-    sends keep going to the old one. The pools themselves live on in kombu's registry, keyed
-    by broker, and are handed back if the app is pointed at that broker again, so they must
-    not be closed here."""
+    """The app caches its broker pools and, in its AMQP helper, the queue declarations it
+    made from the old settings (RabbitMQ's x-max-priority among them): pointing it at another
+    broker must drop both, or sends keep going to the old one, declared the old way. The pools
+    themselves live on in kombu's registry, keyed by broker, and are handed back if the app is
+    pointed at that broker again, so they must not be closed here."""
     app._pool = None
-    app.amqp._producer_pool = None
+    app.__dict__.pop("amqp", None)  # a cached property: rebuilt from the new settings
 
 
 def task_for(queue: str) -> str:
@@ -141,9 +183,11 @@ def task_for(queue: str) -> str:
     return TASK_FOR_QUEUE.get(queue, ANY_QUEUE_TASK)
 
 
-def celery_priority(priority: int) -> int:
-    """Farm priority 0..9 (higher runs first) -> kombu's Redis priority (0 runs first)."""
-    return 9 - max(0, min(9, priority))
+def celery_priority(priority: int, transport: str) -> int:
+    """Farm priority 0..9 (higher runs first) -> the message priority of ``transport``:
+    RabbitMQ delivers a higher number first, kombu's Redis transport a lower one."""
+    priority = max(0, min(9, priority))
+    return priority if transport == "amqp" else 9 - priority
 
 
 startup_error: ConfigError | None = None  # what _worker_defaults could not read
@@ -179,13 +223,34 @@ def _sign_if_asked(**_: object) -> None:
 
 
 @signals.celeryd_init.connect
-def _refuse_bad_settings(**_: object) -> None:
+def _refuse_bad_settings(options: dict | None = None, **_: object) -> None:
     """A worker whose settings are bad says so in one line and exits. Connected here, in the
     module ``-A farm.tasks`` loads, because the worker's task modules load after this signal;
     and SystemExit, because Celery only logs an Exception raised by a signal handler."""
     app.conf.broker_url  # noqa: B018 -- reading the configuration loads it
-    if startup_error is not None:
-        print(f"error {startup_error.code}: {startup_error.message}", file=sys.stderr, flush=True)
+    error = startup_error or _queue_mismatch((options or {}).get("queues"))
+    if error is not None:
+        print(f"error {error.code}: {error.message}", file=sys.stderr, flush=True)
         raise SystemExit(2)
     if _serves_metrics:  # before the pool forks: its children count into the folder
         multiproc.prepare()
+
+
+def _queue_mismatch(names: list[str] | str | None) -> ConfigError | None:
+    """A RabbitMQ queue this worker is to consume that the server holds declared otherwise
+    (Celery would die of it with a traceback). A broker out of reach is not an error here:
+    Celery keeps trying to connect, as it does on Redis."""
+    if transport_of(app.conf.broker_url) != "amqp":
+        return None
+    if isinstance(names, str):
+        names = names.split(",")
+    names = names or [queue.name for queue in app.conf.task_queues]
+    try:
+        with app.connection_for_write() as conn:
+            conn.ensure_connection(max_retries=1)
+            rabbitmq.declare(conn, [app.amqp.queues[name] for name in names])
+    except ConfigError as exc:
+        return exc
+    except (OSError, KombuError, AMQPError):
+        return None
+    return None

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 import redis
-from amqp.exceptions import AccessRefused
+from amqp.exceptions import AccessRefused, PreconditionFailed
 from kombu.exceptions import KombuError, OperationalError
 
 from farm import tracing
@@ -33,8 +33,9 @@ from farm.db.job_records import get_job, queued_and_ready
 from farm.db.models import JobStatus
 from farm.db.session import session_scope
 from farm.errors import BrokerAuthError, BrokerUnavailable, FarmError, TransientError
-from farm.pipelines import StageSpec
-from farm.tasks.app import app, celery_priority, task_for
+from farm.pipelines import StageSpec, all_queues
+from farm.tasks import rabbitmq
+from farm.tasks.app import app, celery_priority, task_for, transport_of
 from farm.tasks.context import Context
 
 log = logging.getLogger(__name__)
@@ -122,22 +123,27 @@ def send_stage(
             args=(job_id, spec.name),
             headers=tracing.carrier() or None,
             queue=spec.queue,
-            priority=celery_priority(priority),
+            priority=celery_priority(priority, transport_of(app.conf.broker_url)),
             producer=producer,
             countdown=countdown,
             retry=True,
             retry_policy=RETRY_POLICY,
         )
+    except PreconditionFailed as exc:
+        raise rabbitmq.mismatch(exc) from exc
     except _BROKER_DOWN as exc:
         raise _broker_error(exc) from exc
 
 
 def check_broker() -> None:
     """Connect to the broker (riding out a blip, not a refused password), so that a submit
-    fails before it records anything."""
+    fails before it records anything; on RabbitMQ, declare the farm's queues too (a queue
+    the server holds declared otherwise is a ConfigError naming it)."""
     try:
         with app.connection_for_write() as conn:
             conn.ensure_connection(errback=_stop_if_refused, **RETRY_POLICY)
+            if transport_of(app.conf.broker_url) == "amqp":
+                rabbitmq.declare(conn, [app.amqp.queues[name] for name in sorted(all_queues())])
     except _BROKER_DOWN as exc:
         raise _broker_error(exc) from exc
 

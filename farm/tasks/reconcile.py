@@ -6,8 +6,11 @@
    and the stage is sent again, without waiting for the broker's visibility timeout. A lease
    still held means a live delivery that cannot reach Postgres for a while: it is left alone.
 2. Lost messages. A stage recorded as queued for a while whose message the broker no longer
-   holds (Redis restarted without persistence, a publish failed half-way) is sent again.
-   Duplicates are harmless: a stage already running or done ignores a second message.
+   holds (Redis restarted without persistence, a publish failed half-way, a RabbitMQ queue
+   purged) is sent again. Redis is read message by message; RabbitMQ only queue by queue, so
+   there a lost message is sent again once its queue has no message ready
+   (farm.tasks.broker_scan). Duplicates are harmless: a stage already running or done
+   ignores a second message.
 
 Workers run a pass every reconcile_interval seconds, one at a time across the farm (Redis
 lock); ``farm reconcile`` runs one pass by hand.
@@ -23,7 +26,7 @@ from farm.errors import MetadataError
 from farm.metrics import worker as metrics
 from farm.pipelines import all_queues
 from farm.storage import keys
-from farm.tasks.broker_scan import held_stages
+from farm.tasks.broker_scan import held
 from farm.tasks.context import Context
 from farm.tasks.dispatch import BrokerSender, Sender, send_or_leave
 
@@ -83,16 +86,14 @@ def _leases_held(ctx: Context, stages: list[tuple[str, str]]) -> set[tuple[str, 
 
 
 def resend_lost(ctx: Context, sender: Sender) -> list[tuple[str, str]]:
-    if ctx.broker_redis is None:
-        return []  # only a Redis broker can be inspected
     grace = 3 * ctx.settings.reconcile_interval
     with session_scope(ctx.db_url) as s:
         waiting = queries.stale_queued_stages(s, grace)
     if not waiting:
         return []
     queues = all_queues() | {ref.spec.queue for ref in waiting}
-    held = held_stages(ctx.broker_redis, queues, taken_within=grace)
-    lost = [ref for ref in waiting if (ref.job_id, ref.stage) not in held]
+    broker = held(ctx, queues, taken_within=grace)
+    lost = [ref for ref in waiting if not broker.holds(ref.job_id, ref.stage, ref.spec.queue)]
     for ref in lost:
         log.warning("re-sending %s/%s: the broker lost its message", ref.job_id, ref.stage)
         with metrics.never_failing():
