@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     s3_access_key: SecretStr | None = None
     s3_secret_key: SecretStr | None = None
     s3_region: str = "us-east-1"
+    s3_ca_bundle: Path | None = Field(
+        None, description="PEM CA bundle that verifies an https S3 endpoint (default: certifi's)"
+    )
     fs_root: Path | None = None
     data_dir: Path = Field(default_factory=default_data_dir)
     model: Path | None = None

@@ -19,7 +19,8 @@ carries one of the INPUT_* codes, which say what is wrong with the file).
      │    ├── DatabaseAuthError  DATABASE_AUTH_FAILED
      │    ├── RedisAuthError     REDIS_AUTH_FAILED
      │    └── BrokerAuthError    BROKER_AUTH_FAILED
-     ├── StorageRefused          (the store answered and said no: never retried)
+     ├── TlsUntrusted            TLS_UNTRUSTED (a server's certificate failed verification)
+ ├── StorageRefused          (the store answered and said no: never retried)
      │    ├── StorageAuthError   STORAGE_AUTH
      │    ├── BucketMissing      STORAGE_NO_BUCKET
      │    └── StorageRejected    STORAGE_REJECTED
@@ -66,6 +67,13 @@ class FarmError(Exception):
         """Append what the user should know besides, e.g. what a failed command left behind."""
         self.message = f"{self.message}; {sentence}"
         self.args = (self.message,)
+
+
+class TlsUntrusted(FarmError):
+    """A server's TLS certificate is not signed by the CA we trust, or names another host:
+    never retried (waiting does not change a certificate)."""
+
+    code = "TLS_UNTRUSTED"
 
 
 class ConfigError(FarmError):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import secrets
 import sys
 import threading
@@ -33,6 +35,13 @@ def _data_dir(value: Path | None) -> Path:
 def up(
     data_dir: Path | None = DataDir,
     no_workers: bool = typer.Option(False, "--no-workers", help="Servers only."),
+    listen: str | None = typer.Option(
+        None,
+        "--listen",
+        metavar="ADDRESS",
+        help="Also serve Redis, Postgres and S3 over TLS on this address, for workers on"
+        " other machines (CA: DATA/tls/ca.pem; kept for later starts).",
+    ),
 ) -> None:
     """Start a local Redis, Postgres and S3 server and a supervisor keeping one cpu and one gpu
     worker alive (whatever already runs is reused)."""
@@ -41,7 +50,7 @@ def up(
     root = _data_dir(data_dir)
     started = time.perf_counter()
     stack = LocalStack(root)
-    info = stack.up()
+    info = stack.up(listen=_address(listen))
     running = fleet.supervisor_pid(root)
     workers = None if no_workers and running is None else fleet.ensure(root, info.env())
     console.print(f"[green]farm is up[/] in {time.perf_counter() - started:.1f} s ({root})")
@@ -58,11 +67,27 @@ def up(
         _remember(root)
 
 
+def _address(listen: str | None) -> str | None:
+    """A literal IP address or a host name (what the server certificate will name)."""
+    if listen is None:
+        return None
+    try:
+        return str(ipaddress.ip_address(listen))
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?", listen):
+            raise ConfigError(f"--listen {listen!r} is not an IP address or a host name") from None
+        return listen
+
+
 def _print_servers(stack: LocalStack, info: StackInfo) -> None:
     pids = stack.pids()
     console.print(f"  redis     {info.redis_url.split('@')[-1]}  pid {pids.get('redis')}")
     console.print(f"  postgres  {info.database_url.split('@')[-1]}  pid {pids.get('postgres')}")
     console.print(f"  s3        {info.s3_endpoint}  bucket {info.s3_bucket}  pid {pids.get('s3')}")
+    if info.tls_ca is not None:
+        console.print(
+            f"  tls       pid {pids.get('tls')}  CA {info.tls_ca} (copy it to the workers)"
+        )
 
 
 def _print_workers(workers: Fleet) -> None:

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.orm import Session, sessionmaker
 
+from farm import tls
 from farm.errors import DatabaseAuthError, DatabaseError, DuplicateJob
 
 # Errors that mean "the database is unreachable or restarting": worth a retry.
@@ -18,6 +19,8 @@ _TRANSIENT = (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutErro
 # What libpq and the server say when they refuse the login, not the network: psycopg2 gives a
 # failed connection no SQLSTATE (28P01, 28000), so the words are all there is to go on.
 _AUTH_REFUSED = ("authentication failed", "no password supplied", "no pg_hba.conf entry")
+
+_PG_TLS_HINT = "the sslrootcert in FARM_DATABASE_URL"
 
 _engines: dict[str, Engine] = {}
 _factories: dict[str, sessionmaker[Session]] = {}
@@ -80,6 +83,8 @@ def _unreachable_is_transient() -> Iterator[None]:
     try:
         yield
     except _TRANSIENT as exc:
+        if tls.verify_failed(exc):
+            raise tls.untrusted("Postgres", "FARM_DATABASE_URL's host", _PG_TLS_HINT) from exc
         refused = _login_refused(exc)
         if refused:
             raise DatabaseAuthError(

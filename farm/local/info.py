@@ -18,6 +18,7 @@ class StackInfo:
     s3_secret_key: str
     s3_bucket: str
     console_password: str | None = None  # basic auth of Flower, farm ui and metrics
+    tls_ca: Path | None = None  # the CA of the TLS front (`farm up --listen`), when it runs
 
     def env(self) -> dict[str, str]:
         """The ``FARM_*`` variables that point the farm at this stack."""
@@ -31,4 +32,6 @@ class StackInfo:
             "FARM_S3_ACCESS_KEY": self.s3_access_key,
             "FARM_S3_SECRET_KEY": self.s3_secret_key,
             "FARM_DATA_DIR": str(self.data_dir),
-        } | ({"FARM_FLOWER_PASSWORD": self.console_password} if self.console_password else {})
+            **({"FARM_FLOWER_PASSWORD": self.console_password} if self.console_password else {}),
+            **({"FARM_S3_CA_BUNDLE": str(self.tls_ca)} if self.tls_ca else {}),
+        }

@@ -9,6 +9,7 @@ import signal
 import subprocess
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlencode
 
 import psycopg2
 
@@ -39,8 +40,13 @@ class PostgresServer(Server):
     def pgdata(self) -> Path:
         return self.data_dir / "postgres"
 
-    def url(self) -> str:
-        return f"postgresql+psycopg2://farm:{self.st['password']}@{HOST}:{self.main_port()}/farm"
+    def url(self, tls: Json | None = None) -> str:
+        """Plain on 127.0.0.1, or through the TLS front (``tls``: its address and CA)."""
+        host, query = HOST, ""
+        if tls is not None:
+            host = tls["address"]
+            query = "?" + urlencode({"sslmode": "verify-full", "sslrootcert": tls["ca"]})
+        return f"postgresql+psycopg2://farm:{self.st['password']}@{host}:{self.main_port()}/farm{query}"
 
     def pid(self) -> int | None:
         # postmaster.pid is the truth, whoever started the server

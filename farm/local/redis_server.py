@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+from urllib.parse import urlencode
 
 import redis
 from redis.backoff import NoBackoff
@@ -23,8 +24,12 @@ class RedisServer(Server):
     def new_secrets(cls) -> Json:
         return {"password": secrets.token_urlsafe(24)}
 
-    def url(self) -> str:
-        return f"redis://:{self.st['password']}@{HOST}:{self.main_port()}/0"
+    def url(self, tls: Json | None = None) -> str:
+        """Plain on 127.0.0.1, or through the TLS front (``tls``: its address and CA)."""
+        if tls is None:
+            return f"redis://:{self.st['password']}@{HOST}:{self.main_port()}/0"
+        query = urlencode({"ssl_cert_reqs": "required", "ssl_ca_certs": tls["ca"]})
+        return f"rediss://:{self.st['password']}@{tls['address']}:{self.main_port()}/0?{query}"
 
     def launch(self) -> int:
         directory = self.directory()

@@ -52,8 +52,11 @@ class S3Server(Server):
             "secret_key": secrets.token_urlsafe(30),
         }
 
-    def endpoint(self) -> str:
-        return f"http://{HOST}:{self.main_port()}"
+    def endpoint(self, tls: Json | None = None) -> str:
+        """Plain on 127.0.0.1, or https through the TLS front (``tls``: its address)."""
+        if tls is None:
+            return f"http://{HOST}:{self.main_port()}"
+        return f"https://{tls['address']}:{self.main_port()}"
 
     def main_port(self) -> int:
         return int(self.st["ports"]["s3"])

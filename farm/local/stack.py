@@ -30,11 +30,13 @@ from farm.local.procs import (
     fail,
     log_tail,
     wait_gone,
+    wait_until,
     write_private,
 )
 from farm.local.redis_server import RedisServer
 from farm.local.s3_server import BUCKET, S3Server
 from farm.local.server import Server
+from farm.local.tls_front import TlsFront
 
 log = logging.getLogger(__name__)
 
@@ -57,12 +59,19 @@ class LocalStack:
         self.timings: dict[str, float] = {}  # seconds from up() to healthy, per server
         self.reused: dict[str, int] = {}  # server -> pid, of those the last start found running
 
-    def up(self, migrate: bool = True) -> StackInfo:
-        """Start (or reuse) all three servers, prepare bucket and database, write farm.env."""
+    def up(self, migrate: bool = True, listen: str | None = None) -> StackInfo:
+        """Start (or reuse) all three servers, prepare bucket and database, write farm.env.
+
+        ``listen``: also serve them over TLS on this address, for workers on other machines
+        (``tls_front``); kept for later starts. The servers themselves stay on 127.0.0.1."""
         start = time.monotonic()
         with self._locked():
             state = self._load() or self._fresh_state()
+            if listen is not None and state.get("tls", {}).get("address") != listen:
+                self._stop_front(state)
+                state["tls"] = {"address": listen, "ports": {}, "pid": None}
             self._ensure_running(SERVICES, state, start)
+            self._ensure_front(state)
             info = self._info(state)
             if migrate:
                 from farm.db.migrate import upgrade_head
@@ -78,6 +87,7 @@ class LocalStack:
         with self._locked():
             state = self._load()
             if state is not None:
+                self._stop_front(state)
                 self._stop(SERVICES, state)
                 self._save(state)
             # a farm.env pointing at stopped servers would make clients think a farm is up
@@ -87,7 +97,8 @@ class LocalStack:
         state = self._load()
         if state is None or not all(s.alive() for s in self._servers(state, SERVICES)):
             return None
-        return self._info(state)
+        front = self._front(state)
+        return None if front and not front.alive() else self._info(state)
 
     def is_running(self) -> bool:
         return self.info() is not None
@@ -102,7 +113,8 @@ class LocalStack:
         """Server -> pid of the servers running now."""
         state = self._load() or {}
         servers = self._servers(state, tuple(s for s in SERVICES if s in state))
-        return {s.name: s.pid() for s in servers if s.alive()}
+        front = self._front(state) if all(s in state for s in SERVICES) else None
+        return {s.name: s.pid() for s in [*servers, *filter(None, [front])] if s.alive()}
 
     def stop_service(self, name: Service) -> None:
         with self._locked():
@@ -168,16 +180,51 @@ class LocalStack:
 
     def _info(self, state: Json) -> StackInfo:
         s3 = S3Server(self.data_dir, state["s3"])
+        front = self._front(state)
+        tls = {"address": front.address, "ca": front.ca()} if front else None
         return StackInfo(
             data_dir=self.data_dir,
-            redis_url=RedisServer(self.data_dir, state["redis"]).url(),
-            database_url=PostgresServer(self.data_dir, state["postgres"]).url(),
-            s3_endpoint=s3.endpoint(),
+            redis_url=RedisServer(self.data_dir, state["redis"]).url(tls),
+            database_url=PostgresServer(self.data_dir, state["postgres"]).url(tls),
+            s3_endpoint=s3.endpoint(tls),
             s3_access_key=s3.st["access_key"],
             s3_secret_key=s3.st["secret_key"],
             s3_bucket=BUCKET,
             console_password=self._console_password(),
+            tls_ca=front.ca() if front else None,
         )
+
+    def _front(self, state: Json) -> TlsFront | None:
+        """The TLS front, when the stack listens on an address (``up(listen=...)``)."""
+        if "tls" not in state:
+            return None
+        ports = {name: SERVER_CLASSES[name](self.data_dir, state[name]) for name in SERVICES}
+        backends = {name: server.main_port() for name, server in ports.items()}
+        return TlsFront(self.data_dir, state["tls"], backends)
+
+    def _ensure_front(self, state: Json) -> None:
+        front = self._front(state)
+        if front is None or (front.alive() and front.probe()):
+            return
+        self._stop_front(state)
+        front.st["pid"] = front.launch()
+        self._save(state)
+        try:
+            self._wait_healthy([front], time.monotonic())
+        except BaseException:
+            self._stop_front(state)
+            self._save(state)
+            raise
+
+    def _stop_front(self, state: Json) -> None:
+        front = self._front(state)
+        if front is not None and front.alive():
+            pid = front.pid()
+            front.request_stop(pid)
+            if not wait_until(lambda: not front.alive(), time.monotonic() + STOP_TIMEOUT):
+                front.kill(pid)
+        if front is not None:
+            front.st["pid"] = None
 
     def _console_password(self) -> str:
         """One password for the consoles (Flower, farm ui, metrics), made once and kept,

@@ -17,10 +17,12 @@ from typing import Any, TypeVar
 
 import redis
 
+from farm import tls
 from farm.errors import MetadataError, RedisAuthError
 from farm.storage import keys
 
 T = TypeVar("T")
+_REDIS_TLS_HINT = "the ssl_ca_certs in FARM_REDIS_URL"
 
 # Renew a lease only while we hold it; re-take it if Redis lost it (restart), refuse if
 # another delivery holds it. Returns 1 when the caller holds the lease afterwards.
@@ -48,6 +50,8 @@ def _mapped(fn: Callable[..., T]) -> Callable[..., T]:
                 f"Redis refused the credentials of FARM_REDIS_URL ({exc}); check its password"
             ) from exc
         except (redis.ConnectionError, redis.TimeoutError) as exc:
+            if tls.verify_failed(exc):
+                raise tls.untrusted("Redis", "FARM_REDIS_URL's host", _REDIS_TLS_HINT) from exc
             raise MetadataError(f"Redis is unreachable ({type(exc).__name__})") from exc
 
     return wrapper

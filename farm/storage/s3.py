@@ -25,6 +25,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
 )
 
+from farm import tls
 from farm.errors import (
     ArtifactMissing,
     BucketMissing,
@@ -93,6 +94,7 @@ class S3Store:
         multipart_threshold: int = 8 * MiB,
         multipart_chunksize: int = 8 * MiB,
         page_size: int = 1000,
+        ca_bundle: Path | None = None,
     ) -> None:
         # None for endpoint/keys means boto3's defaults: AWS itself, credentials from the
         # environment or an instance role.
@@ -103,6 +105,8 @@ class S3Store:
         self._client_kwargs = _client_kwargs(
             endpoint, access_key, secret_key, region, max_attempts, connect_timeout, read_timeout
         )
+        if ca_bundle is not None:  # else boto3's own bundle (certifi) verifies https
+            self._client_kwargs["verify"] = str(ca_bundle)
         self._transfer = TransferConfig(
             multipart_threshold=multipart_threshold, multipart_chunksize=multipart_chunksize
         )
@@ -119,6 +123,7 @@ class S3Store:
             _reveal(settings.s3_access_key),
             _reveal(settings.s3_secret_key),
             settings.s3_region,
+            ca_bundle=settings.s3_ca_bundle,
             **options,
         )
 
@@ -289,6 +294,8 @@ class S3Store:
     def _map_error(self, exc: ClientError | BotoCoreError, key: str) -> FarmError:
         if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
             return StorageAuthError(f"no S3 credentials were found: {_AUTH_HINT}")
+        if tls.verify_failed(exc):
+            return tls.untrusted("S3", self._where(), "FARM_S3_CA_BUNDLE")
         if isinstance(exc, BotoCoreError):
             # Connection refused/reset, timeouts, a body cut off mid-read: all worth a retry.
             return StorageError(f"cannot reach S3 at {self._where()}: {exc}")

@@ -27,7 +27,7 @@ import redis
 from amqp.exceptions import AccessRefused, PreconditionFailed
 from kombu.exceptions import KombuError, OperationalError
 
-from farm import tracing
+from farm import tls, tracing
 from farm.config import mask_url
 from farm.db.job_records import get_job, queued_and_ready
 from farm.db.models import JobStatus
@@ -149,12 +149,15 @@ def check_broker() -> None:
 
 
 def _stop_if_refused(exc: Exception, _interval: float) -> None:
-    if _refused(exc):
+    if _refused(exc) or tls.verify_failed(exc):
         raise exc
 
 
 def _broker_error(exc: BaseException) -> FarmError:
-    """The farm's error for a failed connect or send: refused credentials, else unavailable."""
+    """The farm's error for a failed connect or send: an untrusted certificate, refused
+    credentials, else unavailable."""
+    if tls.verify_failed(exc):
+        return tls.untrusted("the broker", "FARM_BROKER_URL's host", "its ssl_ca_certs")
     if _refused(exc):
         return BrokerAuthError(
             "the broker refused the credentials of FARM_BROKER_URL; check its user and password"
