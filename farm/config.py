@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     )
     ui_address: str = Field("127.0.0.1", description="where `farm ui` listens")
     ui_port: int = Field(8686, ge=1, le=65535, description="`farm ui`'s port")
+    # Both or neither (farm.consoles checks the pair when a console starts).
+    console_tls_cert: Path | None = Field(
+        None, description="PEM certificate (chain): Flower, farm ui and metrics serve HTTPS"
+    )
+    console_tls_key: Path | None = Field(None, description="PEM private key of that certificate")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318; unset: off"
     )

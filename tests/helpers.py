@@ -6,6 +6,7 @@ import base64
 import io
 import os
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -61,45 +62,63 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def http(url: str, auth: str | None = None, method: str = "GET") -> tuple[int, str]:
+def http(
+    url: str, auth: str | None = None, method: str = "GET", ca: Path | None = None
+) -> tuple[int, str]:
+    """(status, body); an https URL is verified against ``ca`` only (not the system's)."""
     request = urllib.request.Request(url, method=method)
     if auth:
         request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    context = ssl.create_default_context(cafile=ca) if ca else None
     try:
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, ""
 
 
 @contextmanager
-def running_flower(farm_env: dict[str, str], password: str, log_path: Path) -> Iterator[tuple]:
-    """`farm flower` with basic auth (user farm) as a user starts it: yields (base URL, the
-    process), stops it afterwards."""
-    port = free_port()
-    env = {**os.environ, **farm_env, "FARM_FLOWER_PASSWORD": password}
+def running_console(
+    args: list[str], env: dict[str, str], log_path: Path, url: str, ca: Path | None = None
+) -> Iterator[subprocess.Popen]:
+    """`farm ARGS` (a console) with ``env`` added to this process's, as a user starts it:
+    yields the process once ``url`` answers (over https trusting ``ca`` only), stops it after."""
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "farm", "flower", "--port", str(port)],
-            env=env,
+            [sys.executable, "-m", "farm", *args],
+            env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-        base = f"http://127.0.0.1:{port}"
-        try:
-            wait_until(lambda: _answers(base), 60, "flower to listen")
-            yield base, proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-
-
-def _answers(base: str) -> bool:
     try:
-        return http(base + "/")[0] in (200, 401)
+        wait_until(lambda: proc.poll() is not None or _answers(url, ca), 60, f"{args[0]} to listen")
+        assert proc.poll() is None, f"farm {args[0]} exited: {log_path.read_text()}"
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextmanager
+def running_flower(
+    farm_env: dict[str, str], password: str, log_path: Path, ca: Path | None = None
+) -> Iterator[tuple]:
+    """`farm flower` with basic auth (user farm): yields (base URL, the process). With ``ca``,
+    ``farm_env`` holds the consoles' TLS settings and Flower answers over https."""
+    port = free_port()
+    base = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
+    env = {**farm_env, "FARM_FLOWER_PASSWORD": password}
+    with running_console(["flower", "--port", str(port)], env, log_path, base + "/", ca) as proc:
+        yield base, proc
+
+
+def _answers(url: str, ca: Path | None = None) -> bool:
+    try:
+        return http(url, ca=ca)[0] in (200, 401)
     except OSError:
         return False
 
@@ -121,15 +140,17 @@ def same_render(png: bytes, reference: bytes) -> bool:
 
 class ExtraWorkers:
     """Workers beside the session's, of one role and the queues given (its own by default),
-    stopped after the test."""
+    with ``env`` added to the session's settings, stopped after the test."""
 
-    def __init__(self, pool, role: str, queues: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, pool, role: str, queues: tuple[str, ...] = (), env: dict[str, str] | None = None
+    ) -> None:
         self.pool, self.role, self.queues, self.started = pool, role, queues, []
+        self.env = {**pool.env, **(env or {})}
 
     def start(self, count: int = 1) -> None:
         new = [
-            start_worker(self.role, self.pool.env, self.pool.log_dir, self.queues)
-            for _ in range(count)
+            start_worker(self.role, self.env, self.pool.log_dir, self.queues) for _ in range(count)
         ]
         self.started += new
         wait_ready(self.pool.meta, new)

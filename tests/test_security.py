@@ -4,7 +4,6 @@ no secret in messages or monitoring."""
 from __future__ import annotations
 
 import base64
-import datetime
 import json
 import os
 import subprocess
@@ -17,6 +16,7 @@ import pytest
 
 from farm.local.workers import start_worker, wait_ready
 from farm.tasks.app import app
+from tests.certs import builder
 from tests.helpers import http, running_flower, sample_png, wait_until
 
 
@@ -57,17 +57,7 @@ def make_signing_files(root: Path) -> dict[str, str]:
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "farm-test")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, hashes.SHA256())
-    )
+    cert = builder(name, name, key).sign(key, hashes.SHA256())
     (root / "store").mkdir(parents=True)
     pem = cert.public_bytes(serialization.Encoding.PEM)
     (root / "farm.crt").write_bytes(pem)

@@ -16,6 +16,7 @@ import typer
 from pydantic import SecretStr
 
 from farm.config import ENV_FILE_NAME, Settings, data_dir_from_env
+from farm.consoles import console_tls, scheme
 from farm.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ def flower(
 ) -> None:
     """Run Flower (Celery monitoring) with basic auth from FARM_FLOWER_USER/PASSWORD."""
     settings = with_password(Settings.from_env())
+    tls = console_tls(settings)  # here, not in Flower: a bad pair is one line, not a traceback
     password = settings.flower_password.get_secret_value()
     # Credentials go through the environment, not argv, so `ps` does not show them.
     os.environ["FLOWER_BASIC_AUTH"] = f"{settings.flower_user}:{password}"
@@ -238,7 +240,9 @@ def flower(
         f"--address={address}",
         f"--port={port}",
     ]
-    err.print(f"Flower on http://{address}:{port} (user {settings.flower_user})")
+    if tls:
+        command += [f"--certfile={tls.cert}", f"--keyfile={tls.key}"]
+    err.print(f"Flower on {scheme(tls)}://{address}:{port} (user {settings.flower_user})")
     os.execv(command[0], command)
 
 
@@ -273,8 +277,7 @@ def metrics(
     registry = CollectorRegistry()
     registry.register(FarmCollector(Context(settings)))
     server = http.serve(registry, settings, settings.metrics_port)
-    host, bound = server.server_address[:2]
-    err.print(f"farm metrics on http://{host}:{bound}/metrics (user {settings.flower_user})")
+    err.print(f"farm metrics on {server.url} (user {settings.flower_user})")
     try:
         threading.Event().wait()
     except KeyboardInterrupt:

@@ -9,6 +9,7 @@ import typer
 from farm.cli.app import app, err
 from farm.cli.stack import with_password
 from farm.config import Settings
+from farm.consoles import console_tls, scheme
 from farm.errors import ConfigError
 
 
@@ -29,11 +30,14 @@ def ui(
     settings = with_password(Settings.from_env())
     address, port = address or settings.ui_address, port if port is not None else settings.ui_port
     password = settings.flower_password.get_secret_value()
+    tls = console_tls(settings)
     listener = _listen(address, port)  # before anything else: a taken port is a one-line error
     console = create_app(Farm(settings), user=settings.flower_user, password=password)
     host, bound = listener.getsockname()[:2]
-    err.print(f"farm ui on http://{_url_host(host)}:{bound} (user {settings.flower_user})")
-    config = uvicorn.Config(console, log_level="warning", lifespan="off")
+    url = f"{scheme(tls)}://{_url_host(host)}:{bound}"
+    err.print(f"farm ui on {url} (user {settings.flower_user})")
+    files = {"ssl_certfile": str(tls.cert), "ssl_keyfile": str(tls.key)} if tls else {}
+    config = uvicorn.Config(console, log_level="warning", lifespan="off", **files)
     uvicorn.Server(config).run(sockets=[listener])
 
 

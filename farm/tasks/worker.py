@@ -28,7 +28,7 @@ METRICS_PORTS = 32  # several workers on one host: each takes the next free port
 class Beat(threading.Thread):
     """Publishes this worker's heartbeat and runs the reconciler now and then."""
 
-    def __init__(self, name: str, queues: list[str], metrics: str | None) -> None:
+    def __init__(self, name: str, queues: list[str], metrics: http.MetricsServer | None) -> None:
         super().__init__(daemon=True, name="farm-beat")
         self.worker_name, self.queues, self.metrics = name, queues, metrics
         self.stop_event = threading.Event()
@@ -39,7 +39,10 @@ class Beat(threading.Thread):
             "queues": self.queues,
             "pid": os.getpid(),
             "role": os.environ.get("FARM_WORKER_ROLE", ",".join(self.queues)),
-            "metrics": self.metrics,  # host:port of its endpoint, None when it serves none
+            # host:port of its endpoint (a Prometheus target), None when it serves none, and
+            # the scheme to scrape it with: https with the consoles' TLS
+            "metrics": self.metrics.address if self.metrics else None,
+            "metrics_scheme": self.metrics.scheme if self.metrics else None,
         }
         next_reconcile = time.monotonic() + ctx.settings.reconcile_interval
         while not self.stop_event.is_set():
@@ -119,9 +122,9 @@ def _trace(settings) -> None:
         log.error("tracing off: %s", exc.message)
 
 
-def _serve_metrics(settings) -> str | None:
+def _serve_metrics(settings) -> http.MetricsServer | None:
     """This worker's metrics endpoint (every pool process's counts, its engine's state), on
-    the first free port from FARM_WORKER_METRICS_PORT; host:port, or None when off."""
+    the first free port from FARM_WORKER_METRICS_PORT; None when off."""
     global _metrics_server
     if not settings.worker_metrics_port:
         return None
@@ -133,9 +136,8 @@ def _serve_metrics(settings) -> str | None:
     except ConfigError as exc:
         log.warning("no metrics endpoint: %s", exc.message)
         return None
-    host, port = _metrics_server.server_address[:2]
-    log.info("metrics on http://%s:%d/metrics", host, port)
-    return f"{host}:{port}"
+    log.info("metrics on %s", _metrics_server.url)
+    return _metrics_server
 
 
 def _engine_stats() -> dict[str, dict[str, int | float]]:
