@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import base64
 import json
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from farm.pipelines import get_pipeline
 from tests.helpers import same_render, wait_until
 from tests.multihost import netns
-from tests.multihost.cluster import HOSTS, Cluster
+from tests.multihost.cluster import FARM, HOSTS, Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("needs_netns")]
 
@@ -154,3 +156,45 @@ def test_gpu_host_killed_mid_denoise(cluster: Cluster, references) -> None:
     assert same_render(output(job), references[(90, "slow")])
     assert_no_orphans(cluster)
     cluster.wait_ready([cluster.start_worker(dead, "gpu")])
+
+
+def fetch_from_client(cluster: Cluster, url: str, ca: Path | None) -> str:
+    """An https GET from the client host with the console password: its status, or the
+    error's type and words (what a user's client would say)."""
+    code = (
+        "import sys\nfrom tests.helpers import http\n"
+        "try:\n    print(http(sys.argv[1], sys.argv[2], ca=sys.argv[3] or None)[0])\n"
+        "except Exception as exc:\n    print(type(exc).__name__, exc)\n"
+    )
+    auth = f"farm:{cluster.env['FARM_FLOWER_PASSWORD']}"
+    argv = [sys.executable, "-c", code, url, auth, str(ca or "")]
+    return cluster.hosts.run("client", argv, cluster.host_env("client")).stdout.strip()
+
+
+def test_consoles_over_tls_from_another_host(cluster: Cluster) -> None:
+    """`farm ui` and `farm metrics` on the control host with the stack's own certificate for
+    its address, reached from the client host: verified against the stack's CA, refused by a
+    client that trusts only the system's CAs."""
+    address = cluster.hosts.address("control")
+    tls_dir = cluster.root / "control" / "tls"
+    env = cluster.host_env("control") | {
+        "FARM_CONSOLE_TLS_CERT": str(tls_dir / f"server-{address}.pem"),
+        "FARM_CONSOLE_TLS_KEY": str(tls_dir / f"server-{address}.key"),
+        "FARM_UI_ADDRESS": address,
+        "FARM_METRICS_ADDRESS": address,
+    }
+    logs = cluster.root / "logs"
+    consoles = [
+        cluster.hosts.spawn("control", [*FARM, name], env, logs / f"control-{name}.log")
+        for name in ("ui", "metrics")
+    ]
+    ca = tls_dir / "ca.pem"
+    try:
+        for url in (f"https://{address}:8686/workers", f"https://{address}:9460/metrics"):
+            wait_until(lambda u=url: fetch_from_client(cluster, u, ca) == "200", timeout=60)
+            refused = fetch_from_client(cluster, url, None)
+            assert "CERTIFICATE_VERIFY_FAILED" in refused or "verify failed" in refused, refused
+    finally:
+        for console in consoles:
+            console.terminate()
+            console.wait(10)
