@@ -134,3 +134,14 @@ def test_a_rediss_broker_without_settings_verifies_certificates() -> None:
         database_url="postgresql+psycopg2://u:p@db.example/farm",
     )
     assert celery_config(settings)["broker_use_ssl"] == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
+
+
+def test_a_server_restarted_behind_the_front_is_reached_again(tls_stack) -> None:
+    """The relay closes a client's connection once its server is gone, so the client's next
+    command reconnects instead of waiting on a dead relay."""
+    local, info = tls_stack
+    client = redis.Redis.from_url(info.redis_url, socket_timeout=5, socket_connect_timeout=5)
+    assert client.ping()
+    local.restart_service("redis")
+    assert client.ping()  # redis-py retries once on a closed connection
+    client.close()

@@ -37,7 +37,7 @@ CHUNK = 64 * 1024
 
 
 async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Copy one direction until it ends, then half-close the other side."""
+    """Copy one direction until it ends, then pass the end on where the transport can."""
     try:
         while data := await reader.read(CHUNK):
             writer.write(data)
@@ -49,16 +49,23 @@ async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 
 async def pipe(client_r, client_w, port: int) -> None:
-    """Join an accepted (already TLS) client to the server on ``port`` behind us."""
+    """Join an accepted (already TLS) client to the server on ``port`` behind us. A client
+    that is done sending gets its answer still (the server sees an end of input); once the
+    server is done, or gone, so is the connection: Redis and Postgres close on their side,
+    and a client must not wait on a relay to a server that left."""
     try:
         server_r, server_w = await asyncio.open_connection(BACKEND, port)
     except OSError as exc:
         log.warning("port %d: the server behind is down (%s)", port, exc)
         client_w.close()
         return
-    await asyncio.gather(relay(client_r, server_w), relay(server_r, client_w))
-    for writer in (client_w, server_w):
-        writer.close()
+    upstream = asyncio.create_task(relay(client_r, server_w))
+    try:
+        await relay(server_r, client_w)
+    finally:
+        upstream.cancel()
+        for writer in (client_w, server_w):
+            writer.close()
 
 
 async def negotiate_postgres(reader, writer, context: ssl.SSLContext) -> bool:
