@@ -51,6 +51,10 @@ COLUMNS = ("name", "metric", "farm", "baseline", "ratio", "goal", "met")
 VERSIONED = ("torch", "diffusers", "transformers", "celery", "kombu", "redis", "sqlalchemy")
 
 
+class Skipped(Exception):
+    """Raised by a benchmark that cannot run on this machine; its message is the reason."""
+
+
 @dataclass(frozen=True)
 class Row:
     """One line of the summary table."""

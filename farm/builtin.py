@@ -10,7 +10,7 @@ from __future__ import annotations
 from farm.fanout import FANOUT
 from farm.narrated import NARRATED
 from farm.pipelines import CPU, GPU, SD_MODEL, Pipeline, Stage, lazy, linear
-from farm.schema import RenderSchema
+from farm.schema import Param, RenderSchema
 from farm.storage.kinds import INPUT
 from farm.upscale import UPSCALE
 
@@ -67,4 +67,17 @@ NOOP = linear(
     help="Six stages that do nothing: what the farm itself costs per stage.",
 )
 
-BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, FANOUT, UPSCALE, NARRATED)
+# cpu noop -> a gpu stage that only waits hold_ms -> cpu noop: a render of a realistic length
+# that costs no CPU, so the control plane's ceiling across many gpu hosts can be measured on a
+# small machine (benchmarks/cluster.py).
+SLEEP = linear(
+    "sleep",
+    [("take", CPU, "noop"), ("hold", GPU, "hold"), ("give", CPU, "noop")],
+    {"noop": SD_STAGES["noop"], "hold": Stage("hold", lazy("farm.stages.hold"))},
+    params=RenderSchema(
+        extra=(Param("hold_ms", int, 200, "Milliseconds the gpu stage waits (200).", 0, 60000),)
+    ),
+    help="A cpu no-op, a gpu stage that only waits hold_ms, a cpu no-op: farm load tests.",
+)
+
+BUILTIN: tuple[Pipeline, ...] = (IMG2IMG, TXT2IMG, NOOP, SLEEP, FANOUT, UPSCALE, NARRATED)

@@ -13,7 +13,7 @@ from PIL import Image
 from tests.helpers import sample_png
 from tests.test_cli import run_farm
 
-BUILTIN = ["img2img", "txt2img", "noop", "fanout", "upscale", "narrated"]
+BUILTIN = ["img2img", "txt2img", "noop", "sleep", "fanout", "upscale", "narrated"]
 
 
 def listed(env: dict[str, str] | None = None) -> dict[str, dict]:

@@ -115,3 +115,20 @@ def test_noop_pipeline_carries_its_input_through(farm, running) -> None:
     assert info.status == "done"
     payload = decode_tensors(farm.ctx.store.get(info.output_key))["payload"]
     assert bytes(payload.tolist()) == b"\x01\x02\x03"
+
+
+def test_sleep_pipeline_holds_its_gpu_stage_and_carries_its_input(farm, running) -> None:
+    from farm.storage.codecs import decode_tensors
+
+    job = farm.submit(b"\x04\x05", pipeline="sleep", hold_ms=300)
+    info = job.wait(timeout=60)
+    assert info.status == "done"
+    stages = {s.name: s for s in job.stages()}
+    assert [(s.name, s.queue) for s in stages.values()] == [
+        ("take", "cpu"),
+        ("hold", "gpu"),
+        ("give", "cpu"),
+    ]
+    assert stages["hold"].duration_s >= 0.3 and stages["hold"].worker.startswith("gpu-")
+    payload = decode_tensors(farm.ctx.store.get(info.output_key))["payload"]
+    assert bytes(payload.tolist()) == b"\x04\x05"

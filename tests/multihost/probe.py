@@ -7,6 +7,9 @@ the one-host fault tests, through the client's TLS settings.
     stage JOB STAGE               that stage's record: status, attempts, worker
     report JOB...                 wait for each job; its status, stages, output and extra objects
     gc                            `farm gc` with no grace, then what is still orphaned
+    counters                      Postgres commits and Redis commands so far (server-wide)
+    round COUNT PARAMS            submit COUNT small jobs (PARAMS: submit's keywords, the
+                                  pipeline among them), wait for all; times and counters
 """
 
 from __future__ import annotations
@@ -14,9 +17,14 @@ from __future__ import annotations
 import base64
 import json
 import sys
+import time
 from dataclasses import asdict
 
+from sqlalchemy import func, select, text
+
 from farm import Farm
+from farm.db.models import TERMINAL, Job
+from farm.db.session import session_scope
 from farm.storage import keys
 from farm.tasks.gc import orphaned_jobs, orphaned_packs, sweep
 from tests.helpers import sample_png
@@ -67,7 +75,63 @@ def gc(farm: Farm) -> dict:
     }
 
 
-COMMANDS = {"workers": workers, "submit": submit, "stage": stage, "report": report, "gc": gc}
+def counters(farm: Farm) -> dict:
+    """The farm database's committed and rolled back transactions and the Redis server's
+    commands, by command (the broker and the metadata share one server here). Reading them
+    costs one transaction and two INFO commands."""
+    query = text(
+        "SELECT xact_commit, xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+    )
+    with session_scope(farm.ctx.db_url) as s:
+        commit, rollback = s.execute(query).one()
+    client = farm.ctx.meta.redis
+    stats = client.info("commandstats")
+    total = client.info("stats")["total_commands_processed"]
+    commands = {key.removeprefix("cmdstat_"): value["calls"] for key, value in stats.items()}
+    return {"at": time.time(), "pg_commits": commit, "pg_rollbacks": rollback,
+            "redis_commands": total, "redis_by_command": commands}  # fmt: skip
+
+
+def round_(farm: Farm, count: str, params: str) -> dict:
+    """COUNT jobs submitted at once, waited for by polling Postgres every 0.25 s (one
+    transaction a poll, counted in ``polls``); their submit and finish times (unix seconds)."""
+    before = counters(farm)
+    payload = bytes(range(256)) * 4
+    submitted, ids = [], []
+    for _ in range(int(count)):
+        ids.append(farm.submit(payload, **json.loads(params)).id)
+        submitted.append(time.time())
+    done = select(func.count()).where(Job.id.in_(ids), Job.status.in_(list(TERMINAL)))
+    polls = 0
+    while True:
+        polls += 1
+        with session_scope(farm.ctx.db_url) as s:
+            if s.scalar(done) == len(ids):
+                break
+        time.sleep(0.25)
+    after = counters(farm)
+    query = select(Job.status, Job.created_at, Job.finished_at).where(Job.id.in_(ids))
+    with session_scope(farm.ctx.db_url) as s:
+        rows = s.execute(query).all()
+    return {
+        "submitted": submitted,
+        "finished": sorted(row.finished_at.timestamp() for row in rows),
+        "statuses": sorted({row.status for row in rows}),
+        "polls": polls,
+        "before": before,
+        "after": after,
+    }
+
+
+COMMANDS = {
+    "workers": workers,
+    "submit": submit,
+    "stage": stage,
+    "report": report,
+    "gc": gc,
+    "counters": counters,
+    "round": round_,
+}
 
 
 def main() -> None:
