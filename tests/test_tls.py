@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -126,8 +127,6 @@ def test_up_again_keeps_the_front_and_down_stops_it(tmp_path: Path) -> None:
 
 def test_a_rediss_broker_without_settings_verifies_certificates() -> None:
     """kombu alone would connect to a rediss:// URL without checking the certificate."""
-    import ssl
-
     settings = Settings(
         broker_url="rediss://:pw@redis.example:6380/0",
         redis_url="rediss://:pw@redis.example:6380/0",
@@ -145,3 +144,15 @@ def test_a_server_restarted_behind_the_front_is_reached_again(tls_stack) -> None
     local.restart_service("redis")
     assert client.ping()  # redis-py retries once on a closed connection
     client.close()
+
+
+def test_the_certificates_pass_strict_verification(tls_stack) -> None:
+    """Python 3.13's default context verifies X.509 strictly (key identifiers, key usage):
+    a client there must accept the stack's certificates too."""
+    _, info = tls_stack
+    context = ssl.create_default_context(cafile=str(info.tls_ca))
+    context.verify_flags |= ssl.VERIFY_X509_STRICT
+    port = int(info.s3_endpoint.rsplit(":", 1)[1])
+    sock = socket.create_connection((ADDRESS, port), timeout=5)
+    with context.wrap_socket(sock, server_hostname=ADDRESS) as tls:
+        assert tls.version() in ("TLSv1.2", "TLSv1.3")

@@ -15,7 +15,8 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from cryptography.x509 import AuthorityKeyIdentifier as AKI
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from farm.local.procs import write_private
 
@@ -33,12 +34,14 @@ def server_pair(tls_dir: Path, address: str) -> tuple[Path, Path]:
     if not cert_path.exists():
         ca_cert, ca_key = _authority(tls_dir)
         key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, address)])
         names = [_san(address), x509.DNSName("localhost")]
         cert = (
-            _builder(subject, ca_cert.subject, key)
-            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            _builder(_name(address), ca_cert.subject, key)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_usage(signs_certificates=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(AKI.from_issuer_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA256())
         )
         write_private(key_path, _key_pem(key))
@@ -53,23 +56,11 @@ def _authority(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
         key = serialization.load_pem_private_key(key_path.read_bytes(), None)
         return x509.load_pem_x509_certificate(cert_path.read_bytes()), key  # type: ignore[return-value]
     key = ec.generate_private_key(ec.SECP256R1())
-    label = f"{CA_NAME} {secrets.token_hex(4)}"
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label)])
-    usage = x509.KeyUsage(
-        digital_signature=False,
-        content_commitment=False,
-        key_encipherment=False,
-        data_encipherment=False,
-        key_agreement=False,
-        key_cert_sign=True,
-        crl_sign=True,
-        encipher_only=False,
-        decipher_only=False,
-    )
+    name = _name(f"{CA_NAME} {secrets.token_hex(4)}")
     cert = (
         _builder(name, name, key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(usage, critical=True)
+        .add_extension(_usage(signs_certificates=True), critical=True)
         .sign(key, hashes.SHA256())
     )
     write_private(key_path, _key_pem(key))
@@ -78,6 +69,8 @@ def _authority(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
 
 
 def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey):
+    """What every certificate here has. Python 3.13's default context checks strictly (RFC
+    5280: key identifiers, key usage), so a client there must accept these too."""
     now = datetime.datetime.now(datetime.UTC)
     return (
         x509.CertificateBuilder()
@@ -87,7 +80,26 @@ def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivate
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - datetime.timedelta(minutes=5))  # clocks of other hosts lag
         .not_valid_after(now + VALID_FOR)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
     )
+
+
+def _usage(signs_certificates: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=signs_certificates,
+        crl_sign=signs_certificates,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
 def _san(address: str) -> x509.GeneralName:
