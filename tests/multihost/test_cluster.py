@@ -26,6 +26,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("needs_netns")]
 PARAMS = {"size": 64, "steps": 12, "strength": 0.8, "prompt": "a windmill", "seed": 21}
 SLOW = {**PARAMS, "steps": 80, "strength": 1.0}  # seconds of denoise to cut into
 GPU_HOSTS = ("gpu1", "gpu2")
+PAGES = ((8686, "workers"), (9460, "metrics"), (5555, "workers"))  # ui, metrics, Flower
 
 
 @pytest.fixture(scope="module")
@@ -172,9 +173,10 @@ def fetch_from_client(cluster: Cluster, url: str, ca: Path | None) -> str:
 
 
 def test_consoles_over_tls_from_another_host(cluster: Cluster) -> None:
-    """`farm ui` and `farm metrics` on the control host with the stack's own certificate for
-    its address, reached from the client host: verified against the stack's CA, refused by a
-    client that trusts only the system's CAs."""
+    """`farm ui`, `farm metrics` and Flower (which reads the broker over TLS itself) on the
+    control host with the stack's own certificate for its address, reached from the client
+    host: verified against the stack's CA, refused by a client that trusts only the system's
+    CAs."""
     address = cluster.hosts.address("control")
     tls_dir = cluster.root / "control" / "tls"
     env = cluster.host_env("control") | {
@@ -184,13 +186,15 @@ def test_consoles_over_tls_from_another_host(cluster: Cluster) -> None:
         "FARM_METRICS_ADDRESS": address,
     }
     logs = cluster.root / "logs"
+    commands = {"ui": ["ui"], "metrics": ["metrics"], "flower": ["flower", "--address", address]}
     consoles = [
-        cluster.hosts.spawn("control", [*FARM, name], env, logs / f"control-{name}.log")
-        for name in ("ui", "metrics")
+        cluster.hosts.spawn("control", [*FARM, *args], env, logs / f"control-{name}.log")
+        for name, args in commands.items()
     ]
     ca = tls_dir / "ca.pem"
+    urls = [f"https://{address}:{port}/{page}" for port, page in PAGES]
     try:
-        for url in (f"https://{address}:8686/workers", f"https://{address}:9460/metrics"):
+        for url in urls:
             wait_until(lambda u=url: fetch_from_client(cluster, u, ca) == "200", timeout=60)
             refused = fetch_from_client(cluster, url, None)
             assert "CERTIFICATE_VERIFY_FAILED" in refused or "verify failed" in refused, refused
