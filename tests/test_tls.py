@@ -113,16 +113,21 @@ def test_a_client_with_the_wrong_ca_is_refused_in_one_line(
     assert "Traceback" not in done.stderr + done.stdout
 
 
-def test_up_again_keeps_the_front_and_down_stops_it(tmp_path: Path) -> None:
+def test_up_again_keeps_the_front_until_local_only(tmp_path: Path) -> None:
     local = LocalStack(tmp_path / "farm")
     try:
         first = local.up(migrate=False, listen=ADDRESS)
         front = local.pids()["tls"]
         again = local.up(migrate=False)  # no --listen: the front stays
         assert again.redis_url == first.redis_url and local.pids()["tls"] == front
+        local.down()
+        assert "tls" not in local.pids()
+        assert local.up(migrate=False).redis_url == first.redis_url  # back with the stack
+        plain = local.up(migrate=False, local_only=True)
+        assert plain.redis_url.startswith("redis://:") and plain.tls_ca is None
+        assert "tls" not in local.pids() and "FARM_S3_CA_BUNDLE" not in plain.env()
     finally:
         local.down()
-    assert "tls" not in local.pids()
 
 
 def test_a_rediss_broker_without_settings_verifies_certificates() -> None:

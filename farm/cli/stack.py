@@ -43,6 +43,9 @@ def up(
         help="Also serve Redis, Postgres and S3 over TLS on this address, for workers on"
         " other machines (CA: DATA/tls/ca.pem; kept for later starts).",
     ),
+    local_only: bool = typer.Option(
+        False, "--local-only", help="Stop serving on the --listen address: 127.0.0.1 only."
+    ),
 ) -> None:
     """Start a local Redis, Postgres and S3 server and a supervisor keeping one cpu and one gpu
     worker alive (whatever already runs is reused)."""
@@ -51,7 +54,9 @@ def up(
     root = _data_dir(data_dir)
     started = time.perf_counter()
     stack = LocalStack(root)
-    info = stack.up(listen=_address(listen))
+    if listen and local_only:
+        raise ConfigError("--listen and --local-only contradict each other; give one")
+    info = stack.up(listen=_address(listen), local_only=local_only)
     running = fleet.supervisor_pid(root)
     workers = None if no_workers and running is None else fleet.ensure(root, info.env())
     console.print(f"[green]farm is up[/] in {time.perf_counter() - started:.1f} s ({root})")

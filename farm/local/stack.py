@@ -59,17 +59,22 @@ class LocalStack:
         self.timings: dict[str, float] = {}  # seconds from up() to healthy, per server
         self.reused: dict[str, int] = {}  # server -> pid, of those the last start found running
 
-    def up(self, migrate: bool = True, listen: str | None = None) -> StackInfo:
+    def up(
+        self, migrate: bool = True, listen: str | None = None, local_only: bool = False
+    ) -> StackInfo:
         """Start (or reuse) all three servers, prepare bucket and database, write farm.env.
 
         ``listen``: also serve them over TLS on this address, for workers on other machines
-        (``tls_front``); kept for later starts. The servers themselves stay on 127.0.0.1."""
+        (``tls_front``); kept for later starts until ``local_only``. The servers themselves
+        stay on 127.0.0.1."""
         start = time.monotonic()
         with self._locked():
             state = self._load() or self._fresh_state()
-            if listen is not None and state.get("tls", {}).get("address") != listen:
+            if local_only or (listen and state.get("tls", {}).get("address") != listen):
                 self._stop_front(state)
-                state["tls"] = {"address": listen, "ports": {}, "pid": None}
+                state.pop("tls", None)
+            if listen:
+                state.setdefault("tls", {"address": listen, "ports": {}, "pid": None})
             self._ensure_running(SERVICES, state, start)
             self._ensure_front(state)
             info = self._info(state)
