@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from farm.local.certs import builder
 from farm.local.workers import start_worker, wait_ready
 from farm.tasks.app import app
-from tests.certs import builder
 from tests.helpers import http, running_flower, sample_png, wait_until
 
 

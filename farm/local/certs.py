@@ -36,7 +36,7 @@ def server_pair(tls_dir: Path, address: str) -> tuple[Path, Path]:
         key = ec.generate_private_key(ec.SECP256R1())
         names = [_san(address), x509.DNSName("localhost")]
         cert = (
-            _builder(_name(address), ca_cert.subject, key)
+            builder(_name(address), ca_cert.subject, key)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_usage(signs_certificates=False), critical=True)
             .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), False)
@@ -58,7 +58,7 @@ def _authority(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     key = ec.generate_private_key(ec.SECP256R1())
     name = _name(f"{CA_NAME} {secrets.token_hex(4)}")
     cert = (
-        _builder(name, name, key)
+        builder(name, name, key)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_usage(signs_certificates=True), critical=True)
         .sign(key, hashes.SHA256())
@@ -68,8 +68,9 @@ def _authority(tls_dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
-def _builder(subject: x509.Name, issuer: x509.Name, key: ec.EllipticCurvePrivateKey):
-    """What every certificate here has. Python 3.13's default context checks strictly (RFC
+def builder(subject: x509.Name, issuer: x509.Name, key) -> x509.CertificateBuilder:
+    """What every certificate here has (``key``: its private half; the message-signing tests
+    sign theirs with it too). Python 3.13's default context checks strictly (RFC
     5280: key identifiers, key usage), so a client there must accept these too."""
     now = datetime.datetime.now(datetime.UTC)
     return (

@@ -30,7 +30,6 @@ from farm.local.procs import (
     fail,
     log_tail,
     wait_gone,
-    wait_until,
     write_private,
 )
 from farm.local.redis_server import RedisServer
@@ -186,7 +185,8 @@ class LocalStack:
     def _info(self, state: Json) -> StackInfo:
         s3 = S3Server(self.data_dir, state["s3"])
         front = self._front(state)
-        tls = {"address": front.address, "ca": front.ca()} if front else None
+        tls_ca = front.ca() if front else None
+        tls = {"address": front.address, "ca": tls_ca} if front else None
         return StackInfo(
             data_dir=self.data_dir,
             redis_url=RedisServer(self.data_dir, state["redis"]).url(tls),
@@ -196,15 +196,14 @@ class LocalStack:
             s3_secret_key=s3.st["secret_key"],
             s3_bucket=BUCKET,
             console_password=self._console_password(),
-            tls_ca=front.ca() if front else None,
+            tls_ca=tls_ca,
         )
 
     def _front(self, state: Json) -> TlsFront | None:
         """The TLS front, when the stack listens on an address (``up(listen=...)``)."""
         if "tls" not in state:
             return None
-        ports = {name: SERVER_CLASSES[name](self.data_dir, state[name]) for name in SERVICES}
-        backends = {name: server.main_port() for name, server in ports.items()}
+        backends = {server.name: server.main_port() for server in self._servers(state, SERVICES)}
         return TlsFront(self.data_dir, state["tls"], backends)
 
     def _ensure_front(self, state: Json) -> None:
@@ -222,14 +221,7 @@ class LocalStack:
             raise
 
     def _stop_front(self, state: Json) -> None:
-        front = self._front(state)
-        if front is not None and front.alive():
-            pid = front.pid()
-            front.request_stop(pid)
-            if not wait_until(lambda: not front.alive(), time.monotonic() + STOP_TIMEOUT):
-                front.kill(pid)
-        if front is not None:
-            front.st["pid"] = None
+        _stop_all(list(filter(None, [self._front(state)])))
 
     def _console_password(self) -> str:
         """One password for the consoles (Flower, farm ui, metrics), made once and kept,
@@ -286,21 +278,24 @@ class LocalStack:
                 time.sleep(0.05)
 
     def _stop(self, services: tuple[str, ...], state: Json) -> None:
-        """Ask every server to stop at once, then wait; SIGKILL whatever is left after 10 s."""
-        servers = self._servers(state, services)
-        pids = {s.name: s.pid() for s in servers}
-        for server in servers:
-            if server.alive():
-                server.request_stop(pids[server.name])
-        deadline = time.monotonic() + STOP_TIMEOUT
-        for server in servers:
-            pid = pids[server.name]
-            if pid and not _wait_gone(server, pid, deadline):
-                log.warning("%s (pid %d) did not stop in time; killing it", server.name, pid)
-                server.kill(pid)
-                _wait_gone(server, pid, time.monotonic() + 5)
-            server.st["pid"] = None
-            server.after_stop()
+        _stop_all(self._servers(state, services))
+
+
+def _stop_all(servers: list[Server]) -> None:
+    """Ask every server to stop at once, then wait; SIGKILL whatever is left after 10 s."""
+    pids = {s.name: s.pid() for s in servers}
+    for server in servers:
+        if server.alive():
+            server.request_stop(pids[server.name])
+    deadline = time.monotonic() + STOP_TIMEOUT
+    for server in servers:
+        pid = pids[server.name]
+        if pid and not _wait_gone(server, pid, deadline):
+            log.warning("%s (pid %d) did not stop in time; killing it", server.name, pid)
+            server.kill(pid)
+            _wait_gone(server, pid, time.monotonic() + 5)
+        server.st["pid"] = None
+        server.after_stop()
 
 
 def _wait_gone(server: Server, pid: int, deadline: float) -> bool:

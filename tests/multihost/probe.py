@@ -88,8 +88,13 @@ def counters(farm: Farm) -> dict:
     stats = client.info("commandstats")
     total = client.info("stats")["total_commands_processed"]
     commands = {key.removeprefix("cmdstat_"): value["calls"] for key, value in stats.items()}
-    return {"at": time.time(), "pg_commits": commit, "pg_rollbacks": rollback,
-            "redis_commands": total, "redis_by_command": commands}  # fmt: skip
+    return {
+        "at": time.time(),
+        "pg_commits": commit,
+        "pg_rollbacks": rollback,
+        "redis_commands": total,
+        "redis_by_command": commands,
+    }
 
 
 def round_(farm: Farm, count: str, params: str) -> dict:
